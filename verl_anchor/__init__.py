@@ -1,0 +1,1 @@
+"""verl_anchor: attention-guided credit assignment for verl."""
