@@ -1,0 +1,185 @@
+"""Fast statistics (`attention_stats`, `token_stats`) against the dense formulas (`reference_stats`)."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from verl_anchor import AnchorConfig
+from verl_anchor import metrics
+from verl_anchor.metrics import (
+    HeadStats,
+    attention_stats,
+    fai_counts,
+    group_heads,
+    group_signals,
+    reference_stats,
+    token_stats,
+)
+
+
+def dense_attention(q, k, scale=None, dtype=torch.float64):
+    """Causal softmax(q k^T * scale) with GQA, the way eager attention computes it."""
+    num_heads, n, head_dim = q.shape
+    keys = k.repeat_interleave(num_heads // k.shape[0], dim=0).to(dtype)
+    scores = q.to(dtype) @ keys.transpose(1, 2) * (head_dim**-0.5 if scale is None else scale)
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+    return scores.softmax(dim=-1)
+
+
+def assert_stats_close(fast: HeadStats, ref: HeadStats, atol=1e-5):
+    assert fast.span.shape == ref.span.shape and fast.waad.shape == ref.waad.shape == fast.fai.shape
+    assert torch.equal(torch.isnan(fast.fai), torch.isnan(ref.fai)), "FAI defined at different tokens"
+    assert torch.equal(torch.isnan(fast.span), torch.isnan(ref.span))
+    defined = ~torch.isnan(ref.fai)
+    torch.testing.assert_close(fast.waad.double(), ref.waad.double(), atol=atol, rtol=0)
+    torch.testing.assert_close(fast.fai[defined].double(), ref.fai[defined].double(), atol=atol, rtol=0)
+    # A span is a distance of up to N tokens: float32 resolves it to ~1e-7 relative, so 1e-5 absolute
+    # is only attainable for spans below ~100 (see docs/method.md); the tolerance scales beyond that.
+    torch.testing.assert_close(fast.span.double(), ref.span.double(), atol=atol, rtol=1e-6, equal_nan=True)
+
+
+CASES = [
+    # (Hq, Hkv, N, P, fai_h_lo, fai_h_hi, window, chunk)
+    (4, 2, 1, 0, 10, 100, 10, 64),  # N = 1
+    (4, 4, 2, 0, 10, 100, 10, 64),  # N = 2, FAI undefined everywhere
+    (4, 4, 2, 1, 0, None, 10, 64),  # N = 2, analysis horizon
+    (4, 2, 130, 0, 10, 100, 10, 32),  # response from position 0
+    (4, 2, 130, 129, 10, 100, 10, 32),  # response = last token only
+    (4, 1, 300, 100, 10, 100, 10, 64),  # GQA 4:1, prefix handled by the fused kernel
+    (6, 3, 257, 40, 0, None, 10, 50),  # analysis mode: horizon to the end of the response
+    (2, 2, 200, 60, 3, 5, 12, 16),  # band set by the window, not by the FAI horizon
+    (2, 1, 150, 10, 10, 100, 10, 1),  # one query per chunk
+    (2, 1, 150, 10, 10, 100, 10, 1000),  # one chunk for everything
+    (8, 2, 400, 150, 10, 50, 10, 37),  # the paper's v1 horizon, odd chunk
+]
+
+
+@pytest.mark.parametrize("num_heads, num_kv, n, start, lo, hi, window, chunk", CASES)
+def test_fast_equals_dense_reference(num_heads, num_kv, n, start, lo, hi, window, chunk):
+    torch.manual_seed(n * 7 + start)
+    cfg = AnchorConfig(fai_h_lo=lo, fai_h_hi=hi, window=window)
+    q, k = torch.randn(num_heads, n, 16), torch.randn(num_kv, n, 16)
+    fast = attention_stats(q, k, start, cfg, chunk_size=chunk)
+    # Oracle in float64; the float32 reference must agree too.
+    assert_stats_close(fast, reference_stats(dense_attention(q, k), start, cfg))
+    assert_stats_close(fast, reference_stats(dense_attention(q, k, dtype=torch.float32), start, cfg))
+    assert fast.waad.dtype == torch.float32
+
+
+def test_dense_chunked_fallback_equals_reference(monkeypatch):
+    """Where no fused kernel serves the device, the statistics come from dense chunks: same numbers."""
+    monkeypatch.setattr(metrics, "_FUSED_BROKEN", {("cpu", torch.float32)})
+    torch.manual_seed(1)
+    cfg = AnchorConfig()
+    q, k = torch.randn(4, 260, 8), torch.randn(2, 260, 8)
+    assert_stats_close(attention_stats(q, k, 30, cfg, chunk_size=64), reference_stats(dense_attention(q, k), 30, cfg))
+
+
+def test_custom_scale_and_bfloat16_inputs_accumulate_in_float32():
+    torch.manual_seed(2)
+    cfg = AnchorConfig()
+    q, k = torch.randn(4, 200, 16).bfloat16(), torch.randn(2, 200, 16).bfloat16()
+    fast = attention_stats(q, k, 50, cfg, scale=0.1)
+    assert fast.waad.dtype == torch.float32
+    assert_stats_close(fast, reference_stats(dense_attention(q.float(), k.float(), scale=0.1), 50, cfg))
+
+
+def test_empty_response_gives_nan_span_and_empty_vectors():
+    q, k = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    for stats in (attention_stats(q, k, 5, AnchorConfig()), reference_stats(dense_attention(q, k), 5, AnchorConfig())):
+        assert stats.waad.shape == (2, 0) and stats.fai.shape == (2, 0) and torch.isnan(stats.span).all()
+
+
+def test_hand_computed_example():
+    """Uniform causal attention over N = 4, W = 2, horizon [1, 2], response from position 1."""
+    n = 4
+    attn = torch.tril(torch.ones(n, n))
+    attn = (attn / attn.sum(dim=1, keepdim=True))[None]
+    stats = reference_stats(attn, 1, AnchorConfig(window=2, fai_h_lo=1, fai_h_hi=2))
+    # Row t attends 1/(t+1) to each s <= t. span = mean_t sum_s (t-s)/(t+1) = mean(1/2, 1, 3/2) = 1.
+    assert stats.span.item() == pytest.approx(1.0)
+    # WAAD[t] = sum_s min(t-s, 2)/(t+1): t=1 -> 1/2, t=2 -> (2+1)/3 = 1, t=3 -> (2+2+1)/4 = 5/4.
+    assert stats.waad[0].tolist() == pytest.approx([0.5, 1.0, 1.25])
+    # FAI[s] = mean over t in [s+1, min(3, s+2)] of 1/(t+1): s=1 -> (1/3+1/4)/2, s=2 -> 1/4, s=3 -> undefined.
+    assert stats.fai[0, :2].tolist() == pytest.approx([7 / 24, 0.25])
+    assert math.isnan(stats.fai[0, 2].item())
+    assert fai_counts(4, AnchorConfig(fai_h_lo=1, fai_h_hi=2)).tolist() == [2, 2, 1, 0]
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_fast_path_never_builds_an_n_by_n_tensor():
+    n, chunk = 4096, 128
+    q, k = torch.randn(1, n, 8), torch.randn(1, n, 8)
+    cfg = AnchorConfig()
+    with _LargestTensor() as probe:
+        token_stats(q, k, cfg, chunk_size=chunk)
+    # The largest intermediates: one score block, chunk x (chunk + band) per head, and the fused
+    # kernel's distance values, N x head_dim (as large as k itself).
+    assert probe.largest <= max(chunk * (chunk + cfg.band), n * 8)
+    assert probe.largest < n * n / 100
+
+
+def test_analysis_mode_memory_is_n_times_chunk():
+    n, chunk = 2048, 64
+    q, k = torch.randn(1, n, 8), torch.randn(1, n, 8)
+    with _LargestTensor() as probe:
+        token_stats(q, k, AnchorConfig(fai_h_lo=0, fai_h_hi=None), chunk_size=chunk)
+    assert probe.largest <= chunk * n
+
+
+def test_group_heads_stable_ties_and_quantile():
+    span = torch.tensor([5.0, 1.0, 3.0, 1.0, 9.0, 3.0, 9.0, 2.0, 7.0, 0.5])
+    loc, glob = group_heads(span, AnchorConfig(head_quantile=0.3))
+    assert loc.tolist() == [9, 1, 3]  # 0.5, then the tie 1.0 in head order
+    assert glob.tolist() == [8, 4, 6]  # the last three of the stable ascending order
+    assert group_heads(torch.tensor([2.0]), AnchorConfig())[0].tolist() == [0]  # m = max(1, floor(0.3))
+    loc, glob = group_heads(torch.arange(100.0), AnchorConfig(head_quantile=0.29))
+    assert len(loc) == len(glob) == 29  # floor(0.29 * 100), not 28 from float rounding
+
+
+def test_group_signals_average_the_right_heads():
+    stats = HeadStats(
+        span=torch.tensor([1.0, 10.0, 5.0, 20.0]),
+        waad=torch.arange(8.0).view(4, 2),
+        fai=torch.tensor([[0.1, math.nan], [0.2, math.nan], [0.3, math.nan], [0.4, math.nan]]),
+    )
+    signals = group_signals(stats, AnchorConfig(head_quantile=0.5))
+    assert signals.waad.tolist() == [2.0, 3.0]  # heads 0 and 2 (spans 1, 5)
+    assert signals.fai[0].item() == pytest.approx(0.3) and math.isnan(signals.fai[1].item())  # heads 1 and 3
+    assert signals.span_loc == 3.0 and signals.span_glob == 15.0
+
+
+def test_token_stats_are_independent_of_the_response_start():
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 120, 8), torch.randn(2, 120, 8)
+    cfg = AnchorConfig()
+    whole = token_stats(q, k, cfg)
+    for start in (0, 7, 119, 120):
+        part = attention_stats(q, k, start, cfg)
+        from_whole = whole.response(start)
+        torch.testing.assert_close(from_whole.waad, part.waad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_whole.fai, part.fai, atol=1e-6, rtol=0, equal_nan=True)
+        torch.testing.assert_close(from_whole.span, part.span, atol=1e-4, rtol=1e-6, equal_nan=True)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        token_stats(torch.randn(3, 4, 2), torch.randn(2, 4, 2), AnchorConfig())
+    with pytest.raises(ValueError, match="response_start=5 must lie in 0..N"):
+        attention_stats(torch.randn(2, 4, 2), torch.randn(2, 4, 2), 5, AnchorConfig())
+    with pytest.raises(ValueError, match=r"shape \(H, N, N\)"):
+        reference_stats(torch.rand(2, 3, 4), 0, AnchorConfig())

@@ -1,0 +1,127 @@
+"""`AnchorConfig`: every option of the method (spec §6), validated on construction.
+
+A bad value raises `ValueError` naming the option, the value and what is allowed, so a
+wrong verl config fails at trainer start-up instead of after the first rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+STRATEGIES = ("none", "local_chunk", "global_anchor", "coupled", "random", "entropy")
+# Strategies whose weights come from attention (the others need no capture at all).
+ATTENTION_STRATEGIES = ("local_chunk", "global_anchor", "coupled")
+SIGNS = ("both", "positive", "negative")
+SELECTS = ("top", "bottom")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorConfig:
+    """Options of preplan/anchor credit assignment; defaults are the paper's (spec §6)."""
+
+    strategy: str = "coupled"
+    window: int = 10
+    fai_h_lo: int = 10
+    fai_h_hi: int | None = 100
+    ratio: float = 0.4
+    gamma_amp: float = 1.5
+    head_quantile: float = 0.3
+    num_layers: int = 5
+    layers: tuple[int, ...] | None = None
+    k: int = 3
+    alpha: float = 0.5
+    sign: str = "both"
+    select: str = "top"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(self.layers) if _is_sequence(self.layers) else self.layers)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_int("window", self.window, minimum=1)
+        _check_int("fai_h_lo", self.fai_h_lo, minimum=0)
+        if self.fai_h_hi is not None:
+            _check_int("fai_h_hi", self.fai_h_hi, minimum=self.fai_h_lo, hint="or None (unbounded, analysis mode)")
+        _check_real("ratio", self.ratio, low=0.0, high=1.0, low_open=True)
+        _check_real("gamma_amp", self.gamma_amp, low=0.0, high=math.inf, low_open=True, high_open=True)
+        # Above 0.5 the local and the global group would share heads.
+        _check_real("head_quantile", self.head_quantile, low=0.0, high=0.5, low_open=True)
+        _check_int("num_layers", self.num_layers, minimum=1)
+        if self.layers is not None:
+            if not isinstance(self.layers, tuple) or not self.layers:
+                raise ValueError(f"layers={self.layers!r} is invalid: give a non-empty list of layer indices, or None")
+            for layer in self.layers:
+                _check_int("layers[...]", layer, minimum=0)
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers={list(self.layers)!r} has duplicates: list each layer once")
+        _check_int("k", self.k, minimum=1)
+        _check_real("alpha", self.alpha, low=0.0, high=1.0)
+        _check_choice("sign", self.sign, SIGNS)
+        _check_choice("select", self.select, SELECTS)
+        _check_int("seed", self.seed, minimum=0)
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether the strategy reads attention (and so needs the capture in the forward pass)."""
+        return self.strategy in ATTENTION_STRATEGIES
+
+    @property
+    def band(self) -> int | None:
+        """Largest query-key offset the statistics read beyond the row moments; None = unbounded."""
+        return None if self.fai_h_hi is None else max(self.window - 1, self.fai_h_hi)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any], prefix: str = "") -> "AnchorConfig":
+        """Build from a plain mapping (e.g. a verl `algorithm.anchor` block), rejecting unknown keys.
+
+        `prefix` is prepended to option names in error messages (e.g. "algorithm.anchor.").
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [key for key in options if key not in names]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known options: {', '.join(names)}"
+            raise ValueError(f"unknown option {prefix}{key}={options[key]!r}{hint}")
+        values = dict(options)
+        if isinstance(values.get("layers"), str) and values["layers"].lower() in ("none", "null", ""):
+            values["layers"] = None
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{prefix}{err}" if prefix else str(err)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["layers"] = None if self.layers is None else list(self.layers)
+        return out
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes)))
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid: allowed values are {', '.join(allowed)}")
+
+
+def _check_int(name: str, value: Any, minimum: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = f" {hint}" if hint else ""
+        raise ValueError(f"{name}={value!r} is invalid: use an integer >= {minimum}{extra}")
+
+
+def _check_real(
+    name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name}={value!r} is invalid: use a finite number in {left}{low:g}, {high:g}{right}")

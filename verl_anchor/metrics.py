@@ -1,0 +1,285 @@
+"""Attention metrics of the paper (spec §2-3): head span, WAAD, FAI, head groups.
+
+Two implementations of the same formulas:
+
+* `reference_stats` reads a dense `(H, N, N)` attention matrix, straight from the
+  formulas. O(N^2) memory; the oracle for tests and short analyses.
+* `attention_stats` / `token_stats` read post-RoPE `q`, `k` and never build an `N x N`
+  tensor. Queries are processed in chunks; for each chunk only the keys within
+  `band = max(window - 1, fai_h_hi)` of the chunk are scored densely (a
+  `chunk x (chunk + band)` block), which is all WAAD and FAI read. The keys further back
+  enter only through their log-sum-exp and their mean distance, which a fused attention
+  kernel returns without materialising scores (values = distances). Memory is
+  O(N * (chunk + band)) per head, i.e. linear in N.
+
+Everything here is pure torch and knows nothing about verl or Hugging Face.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import torch
+
+from verl_anchor.config import AnchorConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 256
+
+
+@dataclasses.dataclass
+class HeadStats:
+    """Per-head statistics of one response: `span (H,)`, `waad (H, n)`, `fai (H, n)` (NaN = undefined)."""
+
+    span: torch.Tensor
+    waad: torch.Tensor
+    fai: torch.Tensor
+
+
+@dataclasses.dataclass
+class TokenStats:
+    """Per-head, per-token statistics of positions `first..N-1`, independent of where the response starts.
+
+    `row_span[h, i]` = sum_s A[t, s] * (t - s) for t = first + i; `waad` likewise; `fai[h, i]` is the
+    FAI of key s = first + i (its horizon only ever contains queries t >= s, so it does not depend on
+    the response start as long as the response starts at or before s). This is what a capture inside
+    the forward pass can compute before it knows where each response begins.
+    """
+
+    row_span: torch.Tensor
+    waad: torch.Tensor
+    fai: torch.Tensor
+    first: int = 0
+
+    def response(self, response_start: int) -> HeadStats:
+        """The statistics of the response that starts at `response_start` (>= `first`)."""
+        i = response_start - self.first
+        if i < 0 or i > self.row_span.shape[1]:
+            raise ValueError(
+                f"response_start={response_start} is outside the captured positions "
+                f"{self.first}..{self.first + self.row_span.shape[1]}"
+            )
+        rows = self.row_span[:, i:]
+        span = rows.mean(dim=1) if rows.shape[1] else torch.full(rows.shape[:1], math.nan, dtype=rows.dtype)
+        return HeadStats(span=span, waad=self.waad[:, i:], fai=self.fai[:, i:])
+
+
+@dataclasses.dataclass
+class GroupSignals:
+    """One response's token signals: WAAD averaged over the local group, FAI over the global group."""
+
+    waad: torch.Tensor
+    fai: torch.Tensor
+    span_loc: float
+    span_glob: float
+
+
+def select_layers(num_hidden_layers: int, num_layers: int = 5) -> list[int]:
+    """`num_layers` evenly spaced layers of the middle third (spec §2), 0-based, sorted, unique."""
+    if num_hidden_layers < 1 or num_layers < 1:
+        raise ValueError(f"need num_hidden_layers >= 1 and num_layers >= 1, got {num_hidden_layers}, {num_layers}")
+    lo, hi = num_hidden_layers // 3, (2 * num_hidden_layers) // 3
+    # Python's round (half to even) on numpy's linspace values, as the spec fixes.
+    return sorted({round(float(v)) for v in np.linspace(lo, hi, num_layers)})
+
+
+def fai_counts(num_tokens: int, cfg: AnchorConfig, device: torch.device | None = None) -> torch.Tensor:
+    """|T(s)| for every key position s (spec §3): queries t with s + lo <= t <= min(N - 1, s + hi)."""
+    s = torch.arange(num_tokens, device=device)
+    last = torch.full_like(s, num_tokens - 1)
+    if cfg.fai_h_hi is not None:
+        last = torch.minimum(last, s + cfg.fai_h_hi)
+    return (last - (s + cfg.fai_h_lo) + 1).clamp(min=0)
+
+
+def reference_stats(attn: torch.Tensor, response_start: int, cfg: AnchorConfig) -> HeadStats:
+    """Dense oracle: statistics straight from the formulas of spec §2-3. `attn` is `(H, N, N)`."""
+    if attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
+        raise ValueError(f"attn must have shape (H, N, N), got {tuple(attn.shape)}")
+    _, num_tokens, _ = attn.shape
+    _check_start(response_start, num_tokens)
+    positions = torch.arange(num_tokens, device=attn.device)
+    offset = positions[:, None] - positions[None, :]  # [t, s] = t - s
+    causal = offset >= 0
+    probs = attn * causal
+    rows = probs[:, response_start:, :]  # queries t in R
+    dist = offset.clamp(min=0).to(attn.dtype)
+    n = num_tokens - response_start
+    span = (rows * dist[response_start:]).sum(dim=(1, 2)) / n if n else torch.full(attn.shape[:1], math.nan)
+    waad = (rows * dist[response_start:].clamp(max=cfg.window)).sum(dim=2)
+    in_horizon = causal & (offset >= cfg.fai_h_lo)
+    if cfg.fai_h_hi is not None:
+        in_horizon &= offset <= cfg.fai_h_hi
+    fai_sum = (probs * in_horizon).sum(dim=1)[:, response_start:]  # column sums over queries
+    counts = fai_counts(num_tokens, cfg, attn.device)[response_start:]
+    fai = torch.where(counts > 0, fai_sum / counts.clamp(min=1), torch.full_like(fai_sum, math.nan))
+    return HeadStats(span=span.to(attn.dtype), waad=waad, fai=fai)
+
+
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    response_start: int,
+    cfg: AnchorConfig,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> HeadStats:
+    """Fast path: the statistics of `reference_stats` from post-RoPE `q (Hq, N, D)`, `k (Hkv, N, D)`.
+
+    GQA: query head h reads kv head h // (Hq // Hkv). Never builds an `N x N` tensor.
+    """
+    _check_start(response_start, q.shape[1] if q.dim() == 3 else -1)
+    stats = token_stats(q, k, cfg, scale=scale, first=response_start, chunk_size=chunk_size)
+    return stats.response(response_start)
+
+
+def token_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: AnchorConfig,
+    scale: float | None = None,
+    first: int = 0,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> TokenStats:
+    """Per-token statistics of positions `first..N-1` (see `TokenStats`), in chunks of queries.
+
+    Accumulates in float32 (float64 inputs stay float64). Memory: O(H * N * (chunk + band)).
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q must be (Hq, N, D) and k (Hkv, N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    num_heads, num_tokens, head_dim = q.shape
+    num_kv = k.shape[0]
+    if num_kv == 0 or num_heads % num_kv:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key heads ({num_kv})")
+    _check_start(first, num_tokens)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} is invalid: use an integer >= 1")
+    scale = head_dim**-0.5 if scale is None else scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k = k.to(dtype)
+    device = q.device
+    width = num_tokens - first
+    row_span = torch.empty(num_heads, width, dtype=dtype, device=device)
+    waad = torch.empty_like(row_span)
+    fai_sum = torch.zeros(num_heads, num_tokens, dtype=dtype, device=device)
+    band = cfg.band
+    for t0 in range(first, num_tokens, chunk_size):
+        t1 = min(num_tokens, t0 + chunk_size)
+        # Keys before `ks` lie beyond every offset WAAD/FAI read: only their mass and mean distance matter.
+        ks = 0 if band is None else max(0, t0 - band)
+        q_chunk = q[:, t0:t1].to(dtype)
+        prefix = _prefix_moments(q_chunk, k[:, :ks], scale) if ks > 0 else None
+        if prefix is None:
+            ks = 0  # no fused kernel (or nothing before the band): score the whole prefix densely
+        queries = torch.arange(t0, t1, device=device)
+        offset = queries[:, None] - torch.arange(ks, t1, device=device)[None, :]  # [t, s] = t - s
+        scores = _grouped_scores(q_chunk, k[:, ks:t1]) * scale
+        scores.masked_fill_(offset < 0, -math.inf)
+        lse = torch.logsumexp(scores, dim=-1)
+        if prefix is not None:
+            prefix_lse, prefix_mean_dist = prefix
+            lse = torch.logaddexp(lse, prefix_lse)
+        probs = torch.exp(scores - lse[..., None])
+        dist = offset.clamp(min=0).to(dtype)
+        rows = slice(t0 - first, t1 - first)
+        row_span[:, rows] = (probs * dist).sum(dim=-1)
+        waad[:, rows] = (probs * dist.clamp(max=cfg.window)).sum(dim=-1)
+        if prefix is not None:
+            prefix_mass = torch.exp(prefix_lse - lse)
+            # sum_{s<ks} A[t,s] (t - s) = mass * ((t - ks) + mean(ks - s)); each such t - s >= window.
+            row_span[:, rows] += prefix_mass * ((queries - ks).to(dtype) + prefix_mean_dist)
+            waad[:, rows] += prefix_mass * cfg.window
+        in_horizon = offset >= cfg.fai_h_lo
+        if cfg.fai_h_hi is not None:
+            in_horizon &= offset <= cfg.fai_h_hi
+        fai_sum[:, ks:t1] += (probs * in_horizon).sum(dim=1)
+    counts = fai_counts(num_tokens, cfg, device)[first:]
+    fai_part = fai_sum[:, first:]
+    fai = torch.where(counts > 0, fai_part / counts.clamp(min=1), torch.full_like(fai_part, math.nan))
+    return TokenStats(row_span=row_span, waad=waad, fai=fai, first=first)
+
+
+def group_heads(span: torch.Tensor, cfg: AnchorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local and global head groups (spec §2, Eq. 8): the `m` smallest and `m` largest spans.
+
+    Stable ascending sort, so ties keep (layer, head) order. Returns long tensors of head indices.
+    """
+    if span.dim() != 1 or span.numel() == 0:
+        raise ValueError(f"span must be a non-empty 1-D tensor, got shape {tuple(span.shape)}")
+    num_heads = span.numel()
+    # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
+    m = max(1, math.floor(cfg.head_quantile * num_heads + 1e-9))
+    order = torch.sort(span, stable=True).indices
+    return order[:m], order[num_heads - m :]
+
+
+def group_signals(stats: HeadStats, cfg: AnchorConfig) -> GroupSignals:
+    """WAAD averaged over the local group and FAI over the global group (spec §2-3)."""
+    loc, glob = group_heads(stats.span, cfg)
+    return GroupSignals(
+        waad=stats.waad[loc].mean(dim=0),
+        fai=stats.fai[glob].mean(dim=0),
+        span_loc=float(stats.span[loc].mean()),
+        span_glob=float(stats.span[glob].mean()),
+    )
+
+
+def _check_start(response_start: int, num_tokens: int) -> None:
+    if not 0 <= response_start <= num_tokens:
+        raise ValueError(f"response_start={response_start} must lie in 0..N (N = {num_tokens})")
+
+
+def _grouped_scores(q_chunk: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`q_chunk (Hq, c, D) @ keys (Hkv, w, D)^T` -> `(Hq, c, w)` without repeating keys per query head."""
+    num_heads, chunk, head_dim = q_chunk.shape
+    num_kv, width, _ = keys.shape
+    grouped = q_chunk.reshape(num_kv, (num_heads // num_kv) * chunk, head_dim)
+    return torch.bmm(grouped, keys.transpose(1, 2)).view(num_heads, chunk, width)
+
+
+_FUSED_BROKEN: set[tuple[str, torch.dtype]] = set()
+
+
+def _prefix_moments(q_chunk: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row log-sum-exp and mean distance `sum_s p(s) (ks - s)` of `q_chunk` over all keys `s < ks`.
+
+    One fused attention call with values = distances (column 0 of V; kernels want V as wide as Q).
+    Distances are measured from the band edge `ks`, not from 0, so float32 keeps them exact enough.
+    Returns None where no fused kernel serves this device/dtype; the caller then scores densely.
+    """
+    key = (q_chunk.device.type, q_chunk.dtype)
+    if key in _FUSED_BROKEN:
+        return None
+    num_kv, prefix_len, head_dim = keys.shape
+    values = torch.zeros(1, 1, prefix_len, head_dim, dtype=q_chunk.dtype, device=q_chunk.device)
+    values[0, 0, :, 0] = torch.arange(prefix_len, 0, -1, device=q_chunk.device, dtype=q_chunk.dtype)
+    try:
+        out, lse = _fused_attention(q_chunk[None], keys[None], values.expand(1, num_kv, prefix_len, head_dim), scale)
+    except (RuntimeError, NotImplementedError) as err:
+        logger.warning("no fused attention kernel for %s/%s (%s); using the dense chunked path", *key, err)
+        _FUSED_BROKEN.add(key)
+        return None
+    return lse[0, :, : q_chunk.shape[1]].to(q_chunk.dtype), out[0, :, :, 0].to(q_chunk.dtype)
+
+
+def _fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention that also returns the row log-sum-exp, from torch's fused kernels."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse
+    if q.device.type == "cuda":
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # the memory-efficient kernel has no GQA: repeat the (prefix) keys
+            k, v = k.repeat_interleave(groups, dim=1), v.expand(-1, q.shape[1], -1, -1)
+        # float32 is kept on purpose: the flash kernels accept only 16-bit inputs, too coarse for distances.
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, False, scale=scale
+        )
+        return out, lse
+    raise NotImplementedError(f"no fused attention kernel for device {q.device.type}")
