@@ -114,16 +114,21 @@ def token_weights(
     return 1.0 + (cfg.gamma_amp - 1.0) * indicator
 
 
-def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = "both") -> torch.Tensor:
-    """A~ = gamma * A (Eq. 12-13), gamma detached; `positive`/`negative` scale only tokens with A > 0 / A < 0."""
+def effective_gamma(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = "both") -> torch.Tensor:
+    """gamma after the sign rule: `positive`/`negative` keep it only where A > 0 / A < 0 (else 1)."""
     gamma = gamma.detach().to(advantages.dtype)
+    if sign == "both":
+        return gamma
     if sign == "positive":
-        gamma = torch.where(advantages > 0, gamma, torch.ones_like(gamma))
-    elif sign == "negative":
-        gamma = torch.where(advantages < 0, gamma, torch.ones_like(gamma))
-    elif sign != "both":
-        raise ValueError(f"sign={sign!r} is invalid: allowed values are both, positive, negative")
-    return advantages * gamma
+        return torch.where(advantages > 0, gamma, torch.ones_like(gamma))
+    if sign == "negative":
+        return torch.where(advantages < 0, gamma, torch.ones_like(gamma))
+    raise ValueError(f"sign={sign!r} is invalid: allowed values are both, positive, negative")
+
+
+def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = "both") -> torch.Tensor:
+    """A~ = gamma * A (Eq. 12-13), gamma detached, with the sign rule of `effective_gamma`."""
+    return advantages * effective_gamma(advantages, gamma, sign)
 
 
 def batch_weights(

@@ -1,0 +1,219 @@
+"""Tiny offline assets: a byte-level BPE tokenizer and random Qwen3/Qwen2/Llama decoders.
+
+Nothing here downloads anything. The tokenizer is trained with the `tokenizers` library on a
+small embedded corpus (arithmetic, GSM8K/MATH instructions, answer tags) and carries a
+Qwen-style (ChatML) chat template, so verl's `RLHFDataset` and agent loop treat it like a
+Qwen tokenizer. The models are random and tiny (~140k parameters) so a whole verl GRPO run
+fits on a 2-core CPU; they are for tests and smoke runs, not for learning anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+__all__ = [
+    "EOS_ID",
+    "EOS_TOKEN",
+    "IM_START_ID",
+    "PAD_ID",
+    "PAD_TOKEN",
+    "VOCAB_SIZE",
+    "build_model",
+    "build_tokenizer",
+    "ensure_tiny_model",
+    "tiny_config",
+]
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+# BpeTrainer assigns special tokens the first ids, in this order; tiny_config relies on it.
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, EOS_TOKEN)
+PAD_ID, IM_START_ID, EOS_ID = 0, 1, 2
+VOCAB_SIZE = 1024
+
+# Bump when the corpus, tokenizer or model recipe changes, so ensure_tiny_model rebuilds.
+_ASSET_VERSION = 1
+
+# ChatML as Qwen2/Qwen3 render it, without Qwen's tool and thinking branches.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_TEXT = """\
+Let's think step by step and output the final answer after "####".
+Let's think step by step and output the final answer within \\boxed{}.
+Using the numbers, create an equation that equals the target. Show your work in <think> </think> tags.
+And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.
+The answer is \\boxed{42}. So the final answer is #### 42
+system user assistant You are a helpful assistant.
+system
+user
+assistant
+What is the answer? How many are left?
+Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.
+How many clips did Natalia sell altogether in April and May?
+Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?
+Betty is saving money for a new wallet which costs $100. She has only half of the money she needs.
+James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?
+A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?
+the a an and or of to in is are was were be it that this with for on as at by from he she they we you
+number numbers total each per more less than half twice three four five six seven eight nine ten
+first second then next finally so therefore because if what how many much does did do has have had
+add subtract multiply divide sum difference product quotient equals equal target answer step
+apples oranges books pages dollars cents hours minutes days weeks years students friends cookies
+"""
+
+
+def _corpus() -> list[str]:
+    """The training corpus: fixed text plus deterministic arithmetic drills."""
+    rng = random.Random(0)
+    # Repeat the prose so BPE merges whole words and tags, not only digit runs.
+    lines = _TEXT.splitlines() * 40
+    for _ in range(1000):
+        a, b = rng.randint(0, 999), rng.randint(1, 99)
+        op = rng.choice("+-*/")
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        lines.append(f"{a} {op} {b} = {value}")
+        lines.append(f"<answer> ({a} {op} {b}) </answer> #### {value} \\boxed{{{value}}}")
+    lines += [" ".join(str(d) for d in range(i, i + 10)) for i in range(0, 1000, 10)]
+    return lines
+
+
+def build_tokenizer(out_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
+    """Train the tiny byte-level BPE tokenizer; save it to `out_dir` when given.
+
+    Any byte string can be encoded (byte-level alphabet), "\\n" is one token (verl's Qwen
+    continuous-token builder requires that), pad is `<|endoftext|>` and eos is `<|im_end|>`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    for token, expected in zip(SPECIAL_TOKENS, (PAD_ID, IM_START_ID, EOS_ID), strict=True):
+        assert backend.token_to_id(token) == expected, f"{token} got id {backend.token_to_id(token)}"
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        additional_special_tokens=[IM_START],
+        model_max_length=2048,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+_ARCHS: dict[str, type[PretrainedConfig]] = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig}
+
+
+def tiny_config(arch: str = "qwen3", **overrides: Any) -> PretrainedConfig:
+    """A fresh tiny decoder config (`arch` in qwen3, qwen2, llama); `overrides` win.
+
+    A new object on every call: `_from_config` keeps and mutates the config it is given, so
+    two models must never share one (e.g. an eager and an sdpa copy).
+    """
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(_ARCHS)}")
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="float32",
+        pad_token_id=PAD_ID,
+        bos_token_id=None,
+        eos_token_id=EOS_ID,
+    )
+    if arch != "qwen2":  # Qwen2Config derives head_dim = hidden_size // num_attention_heads
+        kwargs["head_dim"] = 16
+    kwargs.update(overrides)
+    return copy.deepcopy(_ARCHS[arch](**kwargs))
+
+
+def build_model(
+    out_dir: str | os.PathLike | None = None, arch: str = "qwen3", seed: int = 0, **config_overrides: Any
+) -> PreTrainedModel:
+    """Build a tiny random decoder, deterministic in `seed`.
+
+    With `out_dir`, save the model (safetensors), the tokenizer and a generation config
+    (eos/pad ids) there, so the directory works as `actor_rollout_ref.model.path`. The
+    vocabulary is the tokenizer's, rounded up to a multiple of 64.
+    """
+    tokenizer = build_tokenizer()
+    vocab = -(-len(tokenizer) // 64) * 64
+    config = tiny_config(arch, **{"vocab_size": vocab, **config_overrides})
+    # Seed a forked RNG: deterministic weights without disturbing the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+    )
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+    return model
+
+
+def ensure_tiny_model(cache_dir: str | os.PathLike, arch: str = "qwen3", seed: int = 0) -> Path:
+    """Return the directory of the tiny model in `cache_dir`, building it on first use.
+
+    Safe against concurrent callers: the model is built in a temporary sibling directory
+    and renamed into place, so a reader never sees a half-written model.
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    final = cache / f"tiny-{arch}-s{seed}-v{_ASSET_VERSION}"
+    if (final / "config.json").is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
+    try:
+        build_model(tmp, arch=arch, seed=seed)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a lost race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
