@@ -1,0 +1,242 @@
+"""Rewards: countdown parser and scores, boxed-answer math via math-verify, delegation to verl."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from verl_anchor.rewards import compute_score
+from verl_anchor.rewards.boxed_math import last_boxed
+from verl_anchor.rewards.countdown import MAX_ANSWER_CHARS, last_answer, parse_equation, score_countdown
+
+# (7 - 5) * 3 * 2 = 12, checked by hand.
+GT = {"target": 12, "numbers": [3, 5, 7, 2]}
+
+
+def cd(answer: str, gt: dict = GT) -> float:
+    return compute_score("countdown", f"Let me think.\n<answer>{answer}</answer>", gt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Countdown
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "(7 - 5) * 3 * 2",
+        " (7-5)*3*2 ",
+        "2 * 3 * (7 - 5)",
+        "(7 - 5)\n* 3 * 2",  # newlines inside the answer
+        "((((7 - 5)))) * 3 * 2",
+        "(7 - 5) * 3 * 2 = 12",  # "= target" accepted
+    ],
+)
+def test_countdown_correct(answer: str) -> None:
+    assert cd(answer) == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "(7 + 5) * 3 * 2",  # 72: wrong value
+        "(7 - 5) * 3 * 2 = 13",  # right side is not the target
+        "7 + 5 + 3 + 2 = 12",  # left side is 17
+        "(7 - 5) * 3 * 3",  # 3 reused, 2 missing
+        "(7 - 5) * 3",  # 2 missing
+        "(7 - 5) * 3 * 2 * 1",  # extra number (value still 12)
+        "(7 - 5) * 6",  # 6 is not a given number
+        "3 / (7 - 5 - 2)",  # division by zero
+    ],
+)
+def test_countdown_well_formed_but_wrong(answer: str) -> None:
+    assert cd(answer) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "twelve",
+        "12 = (7 - 5) * 3 * 2",  # right side must be a plain integer
+        "(7 - 5) * 3 * 2 = 12 = 12",
+        "(7 - 5) * 3 * 2.0",  # floats are not in the grammar
+        "(7 - 05) * 3 * 2",  # leading zero: not a Python integer literal
+        "(7 - 5) × 3 × 2",
+        "(7 - 5 * 3 * 2",  # unbalanced
+        "7 // 5 + 3 + 2",
+        "+7 - 5 + 3 * 2",  # unary plus is not in the whitelist
+        "7(5) + 3 + 2",  # a call on an int literal
+        "()",
+        "1_2",
+        "\\frac{7-5}{1} * 3 * 2",
+    ],
+)
+def test_countdown_malformed(answer: str) -> None:
+    assert cd(answer) == 0.0
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "__import__('os').system('echo hi')",
+        "(1).__class__.__bases__[0].__subclasses__()",
+        "open('/etc/passwd').read()",
+        "x + y",
+        "9**9**9**9",
+        "10**100000",
+        "2 ** 3 ** 4 * 5",
+        "(" * 100_000 + "7" + ")" * 100_000,
+        "-" * 100_000 + "7",
+        "9" * 10_000,
+    ],
+)
+def test_countdown_hostile_answers_score_zero_fast(hostile: str, capfd: pytest.CaptureFixture[str]) -> None:
+    start = time.perf_counter()
+    assert cd(hostile) == 0.0
+    assert time.perf_counter() - start < 0.5
+    assert "hi" not in capfd.readouterr().out  # nothing was executed
+
+
+def test_countdown_parser_whitelist_rejects_power_and_calls() -> None:
+    for text in ["2**3", "7(5)", "7 // 2", "7 % 2", "+7"]:
+        with pytest.raises(ValueError):
+            parse_equation(text)
+    tree, literals, rhs = parse_equation("-(3 + 5) * 2 = 16")
+    assert sorted(literals) == [2, 3, 5] and rhs == 16
+
+
+def test_countdown_answer_length_cap() -> None:
+    inside_cap = "(" * 60 + "7 - 5" + ")" * 60 + " * 3 * 2"
+    assert len(inside_cap) <= MAX_ANSWER_CHARS and cd(inside_cap) == 1.0
+    padded = "(7 - 5) * 3 * 2" + " " * MAX_ANSWER_CHARS
+    assert cd(padded) == 1.0  # surrounding whitespace is stripped before the cap applies
+    assert cd("(7 - 5) * 3 *" + " " * MAX_ANSWER_CHARS + "2") == 0.0
+
+
+def test_countdown_exact_rational_arithmetic() -> None:
+    assert cd("2 / 3 * 3", {"target": 2, "numbers": [2, 3, 3]}) == 1.0
+    assert cd("6 / (1 - 3 / 4)", {"target": 24, "numbers": [1, 3, 4, 6]}) == 1.0  # 6 / (1/4)
+    assert cd("1 / 3 + 1 / 3 + 1 / 3", {"target": 1, "numbers": [1, 1, 1, 3, 3, 3]}) == 1.0
+    assert cd("7 / 2", {"target": 3, "numbers": [7, 2]}) == pytest.approx(0.1)  # 3.5, no rounding
+    assert cd("-3 + 5", {"target": 2, "numbers": [3, 5]}) == 1.0  # unary minus allowed
+
+
+def test_countdown_last_answer_tag_wins() -> None:
+    right, wrong = "<answer>(7 - 5) * 3 * 2</answer>", "<answer>7 + 5 + 3 + 2</answer>"
+    assert compute_score("countdown", f"{wrong} no wait {right}", GT) == 1.0
+    assert compute_score("countdown", f"{right} hmm {wrong}", GT) == pytest.approx(0.1)
+    # an unterminated tag after a complete one: the last complete pair counts
+    assert compute_score("countdown", f"{right} <answer>7 + 5", GT) == 1.0
+    assert last_answer("<answer>a<answer>b</answer>") == "b"
+    for no_answer in ["(7 - 5) * 3 * 2", "<answer>(7 - 5) * 3 * 2", "(7 - 5) * 3 * 2</answer>", "</answer><answer>"]:
+        assert compute_score("countdown", no_answer, GT) == 0.0
+
+
+def test_countdown_huge_response() -> None:
+    filler = "I will try another combination. " * 32_000  # ~1 MB
+    assert len(filler) > 1_000_000
+    start = time.perf_counter()
+    assert compute_score("countdown", filler + "<answer>(7 - 5) * 3 * 2</answer>", GT) == 1.0
+    assert compute_score("countdown", "<answer>" + filler + "</answer>", GT) == 0.0
+    assert compute_score("countdown", filler, GT) == 0.0
+    assert time.perf_counter() - start < 1.0
+
+
+def test_countdown_ground_truth_forms() -> None:
+    answer = "<answer>(7 - 5) * 3 * 2</answer>"
+    # as read back from parquet: numpy integers and arrays
+    assert score_countdown(answer, {"target": np.int64(12), "numbers": np.array([3, 5, 7, 2])}) == 1.0
+    assert score_countdown(answer, '{"target": 12, "numbers": [3, 5, 7, 2]}') == 1.0
+    assert score_countdown("<answer>(7 - 5) * 3</answer>", GT, format_score=0.0) == 0.0
+    with pytest.raises(TypeError):
+        score_countdown(answer, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Math (math-verify)
+
+
+def test_last_boxed_extraction() -> None:
+    assert last_boxed("so \\boxed{72}.") == "72"
+    assert last_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{\\{1, \\{2\\}\\}}") == "\\{1, \\{2\\}\\}"
+    assert last_boxed("\\boxed{{a}^{2}+\\sqrt{b_{1}}}") == "{a}^{2}+\\sqrt{b_{1}}"
+    assert last_boxed("first \\boxed{1} then \\boxed{2}") == "2"
+    assert last_boxed("$\\boxed 5$.") == "5"
+    assert last_boxed("\\boxed{unclosed {x}") is None
+    assert last_boxed("no box here") is None
+    assert last_boxed("\\boxed{" + "1" * 5000 + "}") is None  # longer than MAX_BOXED_CHARS
+
+
+@pytest.mark.parametrize(
+    ("response", "truth"),
+    [
+        ("The answer is \\boxed{72}.", "72"),
+        ("\\boxed{ 72 }", "72"),
+        ("\\boxed{0.5}", "\\frac{1}{2}"),
+        ("\\boxed{\\frac{1}{2}}", "0.5"),
+        ("\\boxed{\\dfrac{3}{6}}", "\\frac12"),
+        ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}"),
+        ("first guess \\boxed{70}, corrected: \\boxed{72}", "72"),
+        ("\\boxed{72}", 72),  # a numeric ground truth
+    ],
+)
+def test_math_equivalent(response: str, truth: object) -> None:
+    assert compute_score("verl_anchor/math500", response, truth) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("response", "truth"),
+    [
+        ("\\boxed{73}", "72"),
+        ("The answer is 72.", "72"),  # no \boxed{}
+        ("\\boxed{}", "72"),
+        ("\\boxed{72} no wait \\boxed{71}", "72"),
+        ("\\boxed{\\frac{1}{3}}", "0.5"),
+    ],
+)
+def test_math_wrong(response: str, truth: str) -> None:
+    assert compute_score("verl_anchor/gsm8k", response, truth) == 0.0
+
+
+def test_math_timeout_kills_worker_and_recovers() -> None:
+    start = time.perf_counter()
+    assert compute_score("verl_anchor/aime24", "\\boxed{9^{9^{9}}}", "72", timeout_s=1.0) == 0.0
+    assert time.perf_counter() - start < 10
+    assert compute_score("verl_anchor/aime24", "\\boxed{\\frac{144}{2}}", "72") == 1.0
+
+
+def test_math_from_threads() -> None:
+    # verl calls the reward from a thread pool, where signal-based timeouts cannot work
+    cases = [("\\boxed{\\frac{2}{4}}", "0.5", 1.0), ("\\boxed{3}", "4", 0.0)] * 4
+    scores: dict[int, float] = {}
+
+    def score(i: int) -> None:
+        response, truth, _ = cases[i]
+        scores[i] = compute_score("verl_anchor/math500", response, truth)
+
+    threads = [threading.Thread(target=score, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [scores.get(i) for i in range(len(cases))] == [expected for _, _, expected in cases]
+
+
+# ---------------------------------------------------------------------------------------------
+# Delegation to verl
+
+
+def test_delegates_to_verl_default_compute_score() -> None:
+    # openai/gsm8k: verl's strict "#### <number>" extractor
+    assert compute_score("openai/gsm8k", "3 * 24 = 72\n#### 72", "72") == 1.0
+    assert compute_score("openai/gsm8k", "#### 71", "72") == 0.0
+    assert compute_score("openai/gsm8k", "\\boxed{72}", "72") == 0.0  # the reason our gsm8k uses its own name
+    # math_dapo returns verl's dict (score -1/1)
+    assert compute_score("math_dapo", "Answer: 72", "72")["score"] == 1.0
+    with pytest.raises(NotImplementedError):
+        compute_score("no_such_source", "x", "y")
