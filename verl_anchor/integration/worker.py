@@ -1,0 +1,116 @@
+"""Worker side: compute the anchor statistics inside the old-log-prob forward verl already runs.
+
+`AnchorActorRolloutRefWorker` is verl's hybrid worker with one change: its actor is an
+`AnchorTrainingWorker`. When the trainer puts the anchor options in the batch's
+`extra_info`, that worker's `infer_batch` runs with an `AttentionCapture` on the actor's
+HF module and a temporary "loss" whose only job is to turn each micro-batch's captured
+statistics into per-token outputs. verl's engine calls that function after the forward with
+the micro-batch, adds what it writes into `model_output` to the log-probs and entropy,
+restores the original row order (dynamic batch sizes) and stores it in TransferQueue:
+
+* `anchor_waad` (nested, one value per response token): WAAD averaged over the local heads;
+* `anchor_fai` (nested, per response token, NaN = undefined): FAI over the global heads;
+* `anchor_seq` (nested, 3 values per sequence): local-group span, global-group span, and the
+  seconds this sequence's statistics took (its micro-batch's time split evenly).
+
+Values belong to the token *at* each response position (not shifted like log-probs).
+No second forward, no model copy; the capture is inert outside this call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+
+from verl_anchor.capture import AttentionCapture
+from verl_anchor.config import AnchorConfig
+from verl_anchor.metrics import group_signals
+
+ANCHOR_OPTIONS_KEY = "anchor_cfg"  # extra_info key the trainer sets for the old-log-prob call
+OUTPUT_KEYS = ("anchor_waad", "anchor_fai", "anchor_seq")
+
+
+def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture: AttentionCapture,
+                   cfg: AnchorConfig) -> tuple[torch.Tensor, dict]:
+    """The stand-in "loss" of the statistics pass: writes the per-token anchor outputs of a micro-batch."""
+    start = time.perf_counter()
+    stats = capture.pop()
+    seq_lens = data["input_ids"].offsets().diff().tolist()
+    resp_lens = data["response_mask"].offsets().diff().tolist()
+    # Packed inputs may carry padding after the last sequence; it forms extra trailing segments.
+    if len(stats) < len(seq_lens) or [s.waad.shape[1] for s in stats[: len(seq_lens)]] != seq_lens:
+        raise RuntimeError(
+            f"captured sequences {[s.waad.shape[1] for s in stats]} do not match the micro-batch's sequence "
+            f"lengths {seq_lens}; the capture cannot tell the sequences of this input layout apart"
+        )
+    waad, fai, per_seq = [], [], []
+    for seq_stats, seq_len, resp_len in zip(stats, seq_lens, resp_lens):
+        if resp_len == 0:
+            waad.append(torch.zeros(0))
+            fai.append(torch.zeros(0))
+            per_seq.append(torch.tensor([math.nan, math.nan]))
+            continue
+        signals = group_signals(seq_stats.response(seq_len - resp_len), cfg)
+        waad.append(signals.waad.float().cpu())
+        fai.append(signals.fai.float().cpu())
+        per_seq.append(torch.tensor([signals.span_loc, signals.span_glob]))
+    seconds = (capture.seconds + time.perf_counter() - start) / max(1, len(seq_lens))
+    capture.seconds = 0.0
+    device = model_output["log_probs"].device if "log_probs" in model_output else torch.device("cpu")
+    model_output["anchor_waad"] = _nested(waad, device)
+    model_output["anchor_fai"] = _nested(fai, device)
+    model_output["anchor_seq"] = _nested([torch.cat([p, torch.tensor([seconds])]) for p in per_seq], device)
+    return torch.zeros((), device=device), {}
+
+
+def _nested(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.nested.as_nested_tensor([t.float().to(device) for t in tensors], layout=torch.jagged)
+
+
+class AnchorTrainingWorker(TrainingWorker):
+    """verl's TrainingWorker whose `infer_batch` also computes anchor statistics when asked to."""
+
+    _captures: dict[AnchorConfig, AttentionCapture]
+
+    def capture_for(self, cfg: AnchorConfig) -> AttentionCapture:
+        captures = self.__dict__.setdefault("_captures", {})
+        if cfg not in captures:
+            captures[cfg] = AttentionCapture(self.engine.module, cfg)
+        return captures[cfg]
+
+    def infer_batch(self, data: TensorDict) -> TensorDict:  # called directly by compute_log_prob, not over RPC
+        options = tu.get_non_tensor_data(data, ANCHOR_OPTIONS_KEY, default=None)
+        if options is None:
+            return super().infer_batch(data)
+        cfg = AnchorConfig.from_mapping(options)
+        capture = self.capture_for(cfg)
+        saved_loss, saved_flag = self.loss_fn, tu.get_non_tensor_data(data, "compute_loss", default=True)
+        # infer_batch runs the loss function only with compute_loss=True (engine_workers.py, infer_batch).
+        self.loss_fn = partial(anchor_outputs, capture=capture, cfg=cfg)
+        tu.assign_non_tensor(data, compute_loss=True)
+        try:
+            with capture:
+                return super().infer_batch(data)
+        finally:
+            self.loss_fn = saved_loss
+            tu.assign_non_tensor(data, compute_loss=saved_flag)
+
+
+class AnchorActorRolloutRefWorker(ActorRolloutRefWorker):
+    """verl's hybrid actor/rollout/ref worker with an anchor-aware actor."""
+
+    actor_worker_cls = AnchorTrainingWorker
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def anchor_prepare(self, options: dict) -> list[int]:
+        """Build the capture on the real actor module once, at start-up: a model the capture cannot
+        handle or layers it does not have fail here, before any rollout. Returns the captured layers."""
+        return self.actor.capture_for(AnchorConfig.from_mapping(options)).layers
