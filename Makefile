@@ -21,7 +21,7 @@ demo: venv
 	$(VENV)/bin/verl-anchor demo
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: venv
 	$(PY) benchmarks/bench_stats.py

@@ -6,12 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from verl_anchor import tiny
 from verl_anchor.cpu import cpu_env, cpu_overrides, register
+from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
 
 MESSAGES = [{"role": "user", "content": "What is 12 + 35? Let's think step by step."}]
 
@@ -246,25 +243,6 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 """
 
 
-def _step_metrics(log: str) -> dict[int, dict[str, float]]:
-    """The `step:N - key:value - ...` lines the console logger prints."""
-    steps = {}
-    for line in log.splitlines():
-        match = re.search(r"step:(\d+) - (.*)$", line)
-        if match:
-            pairs = (item.rsplit(":", 1) for item in match.group(2).split(" - ") if ":" in item)
-            steps[int(match.group(1))] = {k.strip(): float(v) for k, v in pairs if _is_float(v)}
-    return steps
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -283,23 +261,11 @@ def test_main_ppo_grpo_runs_on_cpu(tmp_path, layout):
         use_remove_padding=layout == "packed", attn_implementation="sdpa" if layout == "packed" else "eager",
     ) + [f"reward.custom_reward_function.path={tmp_path / 'reward.py'}",
          "reward.custom_reward_function.name=compute_score"]
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    env = {**os.environ, **cpu_env(), "RAY_TMPDIR": ray_tmp}
     log_path = tmp_path / "main_ppo.log"
-    try:
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "verl.trainer.main_ppo", *overrides], env=env,
-                                    cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=840)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-                raise
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    rc = run_main_ppo(overrides, tmp_path, log_path, timeout=840)
     log = log_path.read_text(errors="replace")
     assert rc == 0, log[-6000:]
-    steps = _step_metrics(log)
+    steps = parse_step_metrics(log)
     assert sorted(steps) == [1, 2], log[-6000:]
     for metrics in steps.values():
         assert metrics["timing_s/step"] > 0 and metrics["actor/grad_norm"] > 0
