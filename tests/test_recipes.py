@@ -50,3 +50,16 @@ def test_strategy_and_ablations_are_one_override_away(overrides, strategy):
     settings = read_settings(compose_recipe("countdown_qwen3_4b", overrides))
     assert settings.cfg.strategy == strategy
     assert read_settings(compose_recipe("countdown_qwen3_4b", ["algorithm.adv_estimator=grpo"])) is None
+
+
+def test_train_launcher_prepares_missing_data_and_prints_the_command(tmp_path, monkeypatch, capsys):
+    from verl_anchor.cli import main
+
+    monkeypatch.setenv("VERL_ANCHOR_DATA", str(tmp_path))
+    assert main(["train", "countdown_qwen3_4b", "--dry-run", "algorithm.adv_estimator=anchor_random"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "countdown" / "train.parquet").exists() and (tmp_path / "countdown" / "test.parquet").exists()
+    assert "-m verl.trainer.main_ppo --config-path=pkg://verl_anchor.recipes --config-name=countdown_qwen3_4b " \
+           "algorithm.adv_estimator=anchor_random" in out
+    with pytest.raises(FileNotFoundError, match="not a dataset verl-anchor can prepare"):
+        main(["train", "countdown_qwen3_4b", "--dry-run", f"data.train_files={tmp_path}/mystery/train.parquet"])

@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("verl_anchor.demo", "run a few GRPO steps with anchor_coupled through real verl on CPU (no downloads)"),
     "data": ("verl_anchor.data", "prepare a dataset in verl's parquet schema"),
+    "train": ("verl_anchor.launch", "run a recipe of the paper with verl (prepares missing data first)"),
 }
 
 
@@ -26,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             importlib.import_module(module).configure_parser(sub_parser)
-    args = parser.parse_args(argv)
+    # Hydra overrides may follow options (`train RECIPE --dry-run key=value`), which argparse's
+    # positional matching does not take: hand the leftovers to commands that accept overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
 
 
