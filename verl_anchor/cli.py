@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("verl_anchor.demo", "run a few GRPO steps with anchor_coupled through real verl on CPU (no downloads)"),
     "data": ("verl_anchor.data", "prepare a dataset in verl's parquet schema"),
+    "analyze": ("verl_anchor.analysis", "per-token WAAD / FAI / entropy of a model's responses as an HTML report"),
     "train": ("verl_anchor.launch", "run a recipe of the paper with verl (prepares missing data first)"),
 }
 
