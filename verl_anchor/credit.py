@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import TokenStats, group_signals
+from verl_anchor.metrics import TokenStats, response_signals
 
 
 def select_tokens(values: torch.Tensor, ratio: float, select: str = "top") -> torch.Tensor:
@@ -143,10 +143,7 @@ def batch_weights(
         raise ValueError(f"got statistics of {len(stats)} sequences but {len(response_lengths)} response lengths")
     weights = []
     for i, (seq_stats, length) in enumerate(zip(stats, response_lengths)):
-        end = seq_stats.first + seq_stats.waad.shape[1]
-        signals = group_signals(seq_stats.response(end - int(length)), cfg) if length else None
-        waad = signals.waad if signals else torch.zeros(0)
-        fai = signals.fai if signals else torch.zeros(0)
+        signals = response_signals(seq_stats, int(length), cfg)
         entropy = entropies[i] if entropies is not None else None
-        weights.append(token_weights(waad, fai, cfg, entropy=entropy, generator=generator))
+        weights.append(token_weights(signals.waad, signals.fai, cfg, entropy=entropy, generator=generator))
     return weights

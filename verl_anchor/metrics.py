@@ -228,6 +228,18 @@ def group_signals(stats: HeadStats, cfg: AnchorConfig) -> GroupSignals:
     )
 
 
+def response_signals(stats: TokenStats, response_length: int, cfg: AnchorConfig) -> GroupSignals:
+    """Group signals of the response that ends a captured sequence and has `response_length` tokens.
+
+    An empty response gives empty vectors and NaN spans (a degenerate response, see `credit`).
+    """
+    if response_length == 0:
+        empty = stats.waad.new_zeros(0)
+        return GroupSignals(waad=empty, fai=empty.clone(), span_loc=math.nan, span_glob=math.nan)
+    end = stats.first + stats.waad.shape[1]
+    return group_signals(stats.response(end - int(response_length)), cfg)
+
+
 def _check_start(response_start: int, num_tokens: int) -> None:
     if not 0 <= response_start <= num_tokens:
         raise ValueError(f"response_start={response_start} must lie in 0..N (N = {num_tokens})")

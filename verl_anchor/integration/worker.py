@@ -19,7 +19,6 @@ No second forward, no model copy; the capture is inert outside this call.
 
 from __future__ import annotations
 
-import math
 import time
 from functools import partial
 from typing import Any
@@ -32,7 +31,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from verl_anchor.capture import AttentionCapture
 from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import group_signals
+from verl_anchor.metrics import response_signals
 
 ANCHOR_OPTIONS_KEY = "anchor_cfg"  # extra_info key the trainer sets for the old-log-prob call
 OUTPUT_KEYS = ("anchor_waad", "anchor_fai", "anchor_seq")
@@ -52,13 +51,8 @@ def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture:
             f"lengths {seq_lens}; the capture cannot tell the sequences of this input layout apart"
         )
     waad, fai, per_seq = [], [], []
-    for seq_stats, seq_len, resp_len in zip(stats, seq_lens, resp_lens):
-        if resp_len == 0:
-            waad.append(torch.zeros(0))
-            fai.append(torch.zeros(0))
-            per_seq.append(torch.tensor([math.nan, math.nan]))
-            continue
-        signals = group_signals(seq_stats.response(seq_len - resp_len), cfg)
+    for seq_stats, resp_len in zip(stats, resp_lens):
+        signals = response_signals(seq_stats, resp_len, cfg)
         waad.append(signals.waad.float().cpu())
         fai.append(signals.fai.float().cpu())
         per_seq.append(torch.tensor([signals.span_loc, signals.span_glob]))
