@@ -14,6 +14,8 @@ from verl_anchor.credit import batch_weights
 from verl_anchor.metrics import reference_stats
 from verl_anchor.tiny import tiny_config
 
+from test_metrics import pooled_reference  # the dense pooling oracle
+
 ARCHS = ["qwen3", "qwen2", "llama"]
 CFG = AnchorConfig(fai_h_lo=2, fai_h_hi=6, window=4)  # short horizons so short sequences exercise them
 
@@ -72,6 +74,22 @@ def test_padded_batch_matches_eager_attentions(arch, impl, padding_side):
         assert seq_stats.waad.shape == (2 * model.config.num_attention_heads, len(seq))
         for start in (0, len(seq) // 2, len(seq) - 1):
             assert_matches(seq_stats.response(start), reference(eager, seq, capture.layers, start))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pooled_maps_match_eager_attentions(arch):
+    model = build(arch, "sdpa")
+    seq = SEQS[0]
+    capture = AttentionCapture(model, CFG, map_bins=5)
+    capture.map_from = 4
+    with torch.no_grad(), capture:
+        model(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+    (stats,) = capture.pop()
+    with torch.no_grad():
+        attentions = eager_twin(model)(torch.tensor([seq]), output_attentions=True).attentions
+    attn = torch.cat([attentions[layer][0].double() for layer in capture.layers])
+    assert stats.attention_map.shape == (attn.shape[0], 5, 5)
+    torch.testing.assert_close(stats.attention_map.double(), pooled_reference(attn, 4, 5), atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

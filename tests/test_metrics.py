@@ -10,6 +10,7 @@ from verl_anchor import AnchorConfig
 from verl_anchor import metrics
 from verl_anchor.metrics import (
     HeadStats,
+    attention_map,
     attention_stats,
     fai_counts,
     group_heads,
@@ -141,6 +142,46 @@ def test_analysis_mode_memory_is_n_times_chunk():
     assert probe.largest <= chunk * n
 
 
+def pooled_reference(attn, first, bins):
+    """Mean over each query run of the mass on each key run, by explicit loops over the runs."""
+    width = attn.shape[-1] - first
+    num_bins = min(bins, width)
+    runs = [[i for i in range(width) if i * num_bins // width == b] for b in range(num_bins)]
+    out = torch.zeros(attn.shape[0], num_bins, num_bins, dtype=attn.dtype)
+    for i, rows in enumerate(runs):
+        for j, cols in enumerate(runs):
+            block = attn[:, [first + r for r in rows]][:, :, [first + c for c in cols]]
+            out[:, i, j] = block.sum(dim=2).mean(dim=1)
+    return out
+
+
+@pytest.mark.parametrize("num_heads, num_kv, n, first, bins, chunk", [
+    (4, 2, 50, 0, 50, 16),  # one token per bin: the map is the attention matrix itself
+    (4, 2, 50, 0, 7, 16),  # uneven runs
+    (6, 3, 97, 30, 10, 8),  # map of the response only
+    (2, 1, 20, 19, 5, 4),  # one position
+    (2, 2, 40, 10, 64, 100),  # more bins than positions
+])
+def test_attention_map_equals_pooled_dense_attention(num_heads, num_kv, n, first, bins, chunk):
+    torch.manual_seed(n + first)
+    q, k = torch.randn(num_heads, n, 8), torch.randn(num_kv, n, 8)
+    pooled = attention_map(q, k, first, bins, chunk_size=chunk)
+    ref = pooled_reference(dense_attention(q, k), first, bins)
+    assert pooled.shape == ref.shape == (num_heads, min(bins, n - first), min(bins, n - first))
+    torch.testing.assert_close(pooled.double(), ref, atol=1e-6, rtol=0)
+    if first == 0:
+        torch.testing.assert_close(pooled.sum(dim=-1), torch.ones(num_heads, pooled.shape[1]), atol=1e-5, rtol=0)
+    assert attention_map(q, k, n, bins).shape == (num_heads, 0, 0)
+
+
+def test_attention_map_memory_is_chunk_times_n():
+    n, chunk, bins = 4096, 64, 128
+    q, k = torch.randn(1, n, 8), torch.randn(1, n, 8)
+    with _LargestTensor() as probe:
+        attention_map(q, k, 100, bins, chunk_size=chunk)
+    assert probe.largest <= chunk * n
+
+
 def test_group_heads_stable_ties_and_quantile():
     span = torch.tensor([5.0, 1.0, 3.0, 1.0, 9.0, 3.0, 9.0, 2.0, 7.0, 0.5])
     loc, glob = group_heads(span, AnchorConfig(head_quantile=0.3))
@@ -181,5 +222,7 @@ def test_shape_errors_are_clear():
         token_stats(torch.randn(3, 4, 2), torch.randn(2, 4, 2), AnchorConfig())
     with pytest.raises(ValueError, match="response_start=5 must lie in 0..N"):
         attention_stats(torch.randn(2, 4, 2), torch.randn(2, 4, 2), 5, AnchorConfig())
+    with pytest.raises(ValueError, match="bins=0 is invalid"):
+        attention_map(torch.randn(2, 4, 2), torch.randn(2, 4, 2), 0, bins=0)
     with pytest.raises(ValueError, match=r"shape \(H, N, N\)"):
         reference_stats(torch.rand(2, 3, 4), 0, AnchorConfig())

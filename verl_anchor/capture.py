@@ -32,7 +32,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import TokenStats, select_layers, token_stats
+from verl_anchor.metrics import TokenStats, attention_map, select_layers, token_stats
 
 _MISSING = object()
 
@@ -60,10 +60,16 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 class AttentionCapture:
     """Record per-token attention statistics of the selected layers during `model`'s forward passes."""
 
-    def __init__(self, model: torch.nn.Module, cfg: AnchorConfig, chunk_size: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: AnchorConfig, chunk_size: int | None = None,
+                 map_bins: int | None = None) -> None:
+        """`map_bins`: also pool each sequence's attention from position `map_from` on into at most
+        `map_bins` x `map_bins` cells per head (`TokenStats.attention_map`, for figures; analysis only).
+        """
         self.model = model
         self.cfg = cfg
         self.chunk_size = chunk_size
+        self.map_bins = map_bins
+        self.map_from = 0  # where the pooled maps start in each sequence (e.g. the response start)
         modules = attention_modules(model)
         config = getattr(model, "config", None)
         num_layers = getattr(config, "num_hidden_layers", None) or (max(modules) + 1)
@@ -172,10 +178,14 @@ class AttentionCapture:
         chunk = {} if self.chunk_size is None else {"chunk_size": self.chunk_size}
         start = time.perf_counter()
         with torch.no_grad():
-            self._current[layer] = [
-                token_stats(_take(query[row], idx), _take(key[row], idx), self.cfg, scale=scale, **chunk)
-                for row, idx in self._segments
-            ]
+            self._current[layer] = []
+            for row, idx in self._segments:
+                q, k = _take(query[row], idx), _take(key[row], idx)
+                stats = token_stats(q, k, self.cfg, scale=scale, **chunk)
+                if self.map_bins is not None:
+                    stats.attention_map = attention_map(q, k, min(self.map_from, len(idx)), self.map_bins,
+                                                        scale=scale, **chunk)
+                self._current[layer].append(stats)
         self.seconds += time.perf_counter() - start
 
 
@@ -221,4 +231,5 @@ def _concat_heads(parts: Sequence[TokenStats]) -> TokenStats:
         waad=torch.cat([p.waad for p in parts]),
         fai=torch.cat([p.fai for p in parts]),
         first=parts[0].first,
+        attention_map=None if parts[0].attention_map is None else torch.cat([p.attention_map for p in parts]),
     )

@@ -12,6 +12,8 @@ Two implementations of the same formulas:
   kernel returns without materialising scores (values = distances). Memory is
   O(N * (chunk + band)) per head, i.e. linear in N.
 
+`attention_map` pools the attention of a long sequence to a small grid for figures (O(chunk * N)).
+
 Everything here is pure torch and knows nothing about verl or Hugging Face.
 """
 
@@ -54,6 +56,7 @@ class TokenStats:
     waad: torch.Tensor
     fai: torch.Tensor
     first: int = 0
+    attention_map: torch.Tensor | None = None  # `attention_map(...)` output, when a capture asks for it
 
     def response(self, response_start: int) -> HeadStats:
         """The statistics of the response that starts at `response_start` (>= `first`)."""
@@ -149,15 +152,8 @@ def token_stats(
 
     Accumulates in float32 (float64 inputs stay float64). Memory: O(H * N * (chunk + band)).
     """
-    if q.dim() != 3 or k.dim() != 3 or q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q must be (Hq, N, D) and k (Hkv, N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    _check_qk(q, k, first, chunk_size)
     num_heads, num_tokens, head_dim = q.shape
-    num_kv = k.shape[0]
-    if num_kv == 0 or num_heads % num_kv:
-        raise ValueError(f"query heads ({num_heads}) must be a multiple of key heads ({num_kv})")
-    _check_start(first, num_tokens)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} is invalid: use an integer >= 1")
     scale = head_dim**-0.5 if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)
     k = k.to(dtype)
@@ -203,6 +199,44 @@ def token_stats(
     return TokenStats(row_span=row_span, waad=waad, fai=fai, first=first)
 
 
+def attention_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    first: int = 0,
+    bins: int = 128,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Attention among positions `first..N-1`, mean-pooled per head to `(H, B, B)`, `B = min(bins, N - first)`.
+
+    Positions `first..N-1` are cut into `B` contiguous runs of near-equal length (position `first + i`
+    is in bin `i * B // (N - first)`); cell `[h, i, j]` is the mean over the queries of run `i` of the
+    attention mass head `h` puts on the keys of run `j`. Rows sum to at most 1: the rest is on keys
+    before `first`. For figures of long sequences: memory is O(H * chunk * N), never `N x N`.
+    """
+    _check_qk(q, k, first, chunk_size)
+    if bins < 1:
+        raise ValueError(f"bins={bins} is invalid: use an integer >= 1")
+    num_heads, num_tokens, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    width = num_tokens - first
+    num_bins = min(bins, width)
+    pooled = torch.zeros(num_heads, num_bins, num_bins, dtype=dtype, device=q.device)
+    if width == 0:
+        return pooled
+    bin_of = torch.arange(width, device=q.device) * num_bins // width
+    k = k.to(dtype)
+    for t0 in range(first, num_tokens, chunk_size):
+        t1 = min(num_tokens, t0 + chunk_size)
+        scores = _grouped_scores(q[:, t0:t1].to(dtype), k[:, :t1]) * scale
+        future = torch.arange(t0, t1, device=q.device)[:, None] < torch.arange(t1, device=q.device)[None, :]
+        probs = torch.softmax(scores.masked_fill_(future, -math.inf), dim=-1)[..., first:]
+        by_key_bin = probs.new_zeros(num_heads, t1 - t0, num_bins).index_add_(2, bin_of[: t1 - first], probs)
+        pooled.index_add_(1, bin_of[t0 - first : t1 - first], by_key_bin)
+    return pooled / torch.bincount(bin_of, minlength=num_bins).to(dtype)[None, :, None]
+
+
 def group_heads(span: torch.Tensor, cfg: AnchorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Local and global head groups (spec §2, Eq. 8): the `m` smallest and `m` largest spans.
 
@@ -238,6 +272,16 @@ def response_signals(stats: TokenStats, response_length: int, cfg: AnchorConfig)
         return GroupSignals(waad=empty, fai=empty.clone(), span_loc=math.nan, span_glob=math.nan)
     end = stats.first + stats.waad.shape[1]
     return group_signals(stats.response(end - int(response_length)), cfg)
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor, first: int, chunk_size: int) -> None:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q must be (Hq, N, D) and k (Hkv, N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if k.shape[0] == 0 or q.shape[0] % k.shape[0]:
+        raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of key heads ({k.shape[0]})")
+    _check_start(first, q.shape[1])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} is invalid: use an integer >= 1")
 
 
 def _check_start(response_start: int, num_tokens: int) -> None:
