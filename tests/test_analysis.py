@@ -1,31 +1,34 @@
-"""`verl-anchor analyze`: outputs, agreement with the dense eager oracle, given responses, errors."""
+"""`verl-anchor analyze`: outputs, agreement with the dense eager oracle, given responses, errors,
+linear memory on a 4k-token response, and the report in headless Chromium."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
 
-from verl_anchor import analysis
+from verl_anchor.analysis import common, report
+from verl_anchor.cli import main
 from verl_anchor.config import AnchorConfig
 from verl_anchor.metrics import group_signals, reference_stats, select_layers
 
+from test_metrics import _LargestTensor, pooled_reference
+
 MAX_NEW = 24
-
-
-def _run(argv: list[str]) -> int:
-    parser = analysis.argparse.ArgumentParser()
-    analysis.configure_parser(parser)
-    return analysis.run(parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("analyze")
-    assert _run(["--demo", "--out", str(out), "--max-new-tokens", str(MAX_NEW)]) == 0
+    assert main(["analyze", "--demo", "--out", str(out), "--max-new-tokens", str(MAX_NEW), "--map-bins", "16"]) == 0
     return out
 
 
@@ -33,13 +36,20 @@ def _metrics(out):
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
+def _eager(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
 def test_files_exist(demo_out):
     data = _metrics(demo_out)
-    assert len(data["prompts"]) == len(analysis.DEMO_PROMPTS)
+    assert len(data["prompts"]) == len(common.DEMO_PROMPTS) and data["demo"] is True
     for name in ("report.html", "metrics.json", "tokens.csv"):
         assert (demo_out / name).is_file()
     for i in range(len(data["prompts"])):
-        assert (demo_out / f"curves_{i}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for figure in (f"curves_{i}.png", f"attention_{i}.png"):
+            assert (demo_out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(demo_out / "tokens.csv", encoding="utf-8")))
     assert len(rows) == sum(len(p["tokens"]) for p in data["prompts"])
     for p in data["prompts"]:
@@ -52,21 +62,19 @@ def test_files_exist(demo_out):
 
 
 def test_matches_eager_reference(demo_out):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
 
     data = _metrics(demo_out)
-    model = AutoModelForCausalLM.from_pretrained(data["model"], dtype=torch.float32, attn_implementation="eager")
-    model.eval()
+    model = _eager(data["model"])
     layers = select_layers(model.config.num_hidden_layers, 5)
     assert layers == data["layers"]
     cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None)
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(data["model"])
     for p in data["prompts"]:
-        ids = analysis.prompt_ids(tokenizer, p["prompt"])
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
         assert len(ids) == p["prompt_len"]
-        full = torch.tensor([ids + p["token_ids"]])
+        full = torch.tensor([list(ids) + p["token_ids"]])
         with torch.no_grad():
             out = model(input_ids=full, output_attentions=True, use_cache=False)
         attn = torch.cat([out.attentions[layer][0] for layer in layers]).double()
@@ -76,6 +84,27 @@ def test_matches_eager_reference(demo_out):
         fai = torch.tensor([math.nan if v is None else v for v in p["fai"]], dtype=torch.float64)
         torch.testing.assert_close(fai, signals.fai, atol=1e-5, rtol=0, equal_nan=True)
         torch.testing.assert_close(torch.tensor(p["head_span"], dtype=torch.float64), ref.span, atol=1e-4, rtol=1e-6)
+        # Entropy of the distribution that predicted each response token.
+        logp = torch.log_softmax(out.logits[0, p["prompt_len"] - 1 : -1].double(), dim=-1)
+        torch.testing.assert_close(torch.tensor(p["entropy"], dtype=torch.float64), -(logp.exp() * logp).sum(-1),
+                                   atol=1e-4, rtol=0)
+
+
+def test_attention_maps_are_the_pooled_eager_attention(demo_out):
+    data = _metrics(demo_out)
+    p = data["prompts"][0]
+    args = argparse.Namespace(demo=False, model=data["model"], prompts=None, out=demo_out, max_new_tokens=MAX_NEW,
+                              temperature=0.7, seed=0, num_layers=5)
+    session = common.Session(args, map_bins=16)
+    analysis = session.analyze(0, p["prompt"], session.prompt_ids(p["prompt"]), p["token_ids"], generated=False)
+    full = torch.tensor([analysis.prompt_ids + p["token_ids"]])
+    with torch.no_grad():
+        attentions = _eager(data["model"])(input_ids=full, output_attentions=True).attentions
+    attn = torch.cat([attentions[layer][0] for layer in data["layers"]]).double()
+    bins = min(16, len(p["token_ids"]))
+    assert analysis.attention_map.shape == (attn.shape[0], bins, bins)
+    torch.testing.assert_close(analysis.attention_map.double(), pooled_reference(attn, p["prompt_len"], 16),
+                               atol=1e-5, rtol=0)
 
 
 def test_html_one_span_per_token(demo_out):
@@ -83,7 +112,8 @@ def test_html_one_span_per_token(demo_out):
     data = _metrics(demo_out)
     assert page.count('class="tok') == sum(len(p["tokens"]) for p in data["prompts"])
     assert page.count('class="tok preplan') + page.count("anchor\"") > 0
-    assert "data:image/png;base64," in page and "<script>" in page
+    assert page.count("data:image/png;base64,") == 2 * len(data["prompts"]) and "<script>" in page
+    assert "random" in page  # the demo banner
 
 
 def test_html_escapes_model_text():
@@ -91,9 +121,36 @@ def test_html_escapes_model_text():
         "index": 0, "prompt": "<b>x</b>", "generated": False, "tokens": ["<script>", "&"], "token_ids": [5, 6],
         "waad": [1.0, 2.0], "fai": [0.5, None], "entropy": [0.1, 0.2], "preplan": [0], "anchor": [0],
         "span_loc": 1.0, "span_glob": 2.0, "local_heads": [0], "global_heads": [1]}]}
-    page = analysis.render_html(payload)
+    page = report.render_html(payload)
     assert "&lt;script&gt;" in page and "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x" not in page
     assert page.count('class="tok') == 2 and 'class="tok preplan anchor"' in page
+    assert "random" not in page
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not _chromium() and not os.environ.get("CI"), reason="Debian's chromium package is not installed")
+def test_report_opens_in_headless_chromium(demo_out, tmp_path):
+    """The page runs its script without console errors and the rendered DOM shows every token, coloured."""
+    browser = _chromium()
+    assert browser, "CI installs Debian's chromium (see .ci/run)"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    page = (demo_out / "report.html").as_uri()
+    done = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert not [line for line in console if "Uncaught" in line or "Error" in line], console
+    spans = re.findall(r'<span class="tok[^"]*"[^>]*>', done.stdout)
+    assert len(spans) == sum(len(p["tokens"]) for p in _metrics(demo_out)["prompts"])
+    assert all("background" in span for span in spans), "the colouring script did not run"
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([browser, *flags, "--window-size=1000,1400", f"--screenshot={shot}", page],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_given_responses_skip_generation(demo_out, tmp_path, monkeypatch):
@@ -101,37 +158,70 @@ def test_given_responses_skip_generation(demo_out, tmp_path, monkeypatch):
 
     path = _metrics(demo_out)["model"]
     tokenizer = AutoTokenizer.from_pretrained(path)
-    responses = ["48 / 2 = 24 and 48 + 24 = 72. #### 72", "12 * 50 / 60 = 10 \\boxed{10}"]
+    responses = ["48 / 2 = 24 and 48 + 24 = 72. #### 72", "12 * 50 / 60 = 10 \\boxed{10}", ""]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": r}) for i, r in enumerate(responses)))
-
-    def load(args):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer, path
-
-    monkeypatch.setattr(analysis, "load_model", load)
+    monkeypatch.setattr(common, "load_model", lambda args: (
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer, path))
 
     def no_generate(*a, **k):
         raise AssertionError("generation must be skipped when responses are given")
 
-    monkeypatch.setattr(analysis, "generate", no_generate)
+    monkeypatch.setattr(common.Session, "generate", no_generate)
     out = tmp_path / "out"
-    assert _run(["--demo", "--prompts", str(prompts), "--out", str(out)]) == 0
+    assert main(["analyze", "--demo", "--prompts", str(prompts), "--out", str(out)]) == 0
     data = _metrics(out)
     for p, r in zip(data["prompts"], responses, strict=True):
         assert not p["generated"]
         assert p["token_ids"] == tokenizer(r, add_special_tokens=False)["input_ids"]
         assert p["response"] == r
         assert "".join(p["tokens"]) == r
+    assert data["prompts"][2]["waad"] == [] and data["prompts"][2]["span_loc"] is None  # empty response
+
+
+def test_long_response_is_analysed_without_an_n_by_n_tensor(demo_out):
+    """A 4k-token response: no tensor as large as one head's N x N attention, maps pooled to 64 x 64."""
+    data = _metrics(demo_out)
+    args = argparse.Namespace(demo=False, model=data["model"], prompts=None, out=demo_out, max_new_tokens=1,
+                              temperature=0.0, seed=0, num_layers=5)
+    session = common.Session(args, map_bins=64)
+    ids = session.prompt_ids("Count to four thousand.")
+    response = torch.randint(3, 1024, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
+    n = len(ids) + len(response)
+    with _LargestTensor() as probe:
+        analysis = session.analyze(0, "Count to four thousand.", ids, response, generated=False)
+    assert analysis.signals.waad.shape == (4096,) and not torch.isnan(analysis.signals.waad).any()
+    assert analysis.attention_map.shape[-2:] == (64, 64)
+    assert probe.largest < n * n, f"a tensor of {probe.largest} elements (N x N = {n * n})"
 
 
 def test_model_without_attention_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(analysis, "load_model", lambda args: (torch.nn.Linear(2, 2), None, "linear"))
-    assert _run(["--demo", "--out", str(tmp_path)]) == 2
-    assert "no Hugging Face attention modules" in capsys.readouterr().err
+    monkeypatch.setattr(common, "load_model", lambda args: (torch.nn.Linear(2, 2), None, "linear"))
+    for command in ("analyze", "coupling", "perturb"):
+        assert main([command, "--demo", "--out", str(tmp_path)]) == 2
+        assert "no Hugging Face attention modules" in capsys.readouterr().err
 
 
-def test_bad_prompts_file(tmp_path, capsys):
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "x"}\n', "string `prompt`"),
+    ("not json\n", "not JSON"),
+    ("\n", "has no prompts"),
+])
+def test_bad_prompts_file(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "x"}\n')
-    assert _run(["--demo", "--prompts", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "prompt" in capsys.readouterr().err
+    bad.write_text(content)
+    assert main(["analyze", "--demo", "--prompts", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["analyze", "--max-new-tokens", "0"], "--max-new-tokens=0 is invalid"),
+    (["analyze", "--temperature", "-1"], "--temperature=-1.0 is invalid"),
+    (["analyze", "--num-layers", "0"], "--num-layers"),
+    (["coupling", "--peak-quantile", "0"], "--peak-quantile=0.0 is invalid"),
+    (["perturb", "--candidates", "0"], "--candidates=0 is invalid"),
+])
+def test_bad_options_exit_2_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model was loaded"))
+    assert main([*argv, "--demo", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,287 @@
+"""What the analysis commands share: model and prompts, generation, one captured forward per response.
+
+`Session(args)` loads the model (`--model PATH`, or the tiny offline `--demo` model), its tokenizer
+and the prompts, and wraps the model in one `AttentionCapture` in *analysis mode* (FAI horizon
+from offset 0 to the end of the response). `Session.analyses()` then yields, per prompt, a
+`ResponseAnalysis`: the response (sampled with `generate`, or given in the prompts file) and every
+signal read from ONE forward of prompt + response. Memory is linear in the sequence length: no
+`N x N` matrix is built (the optional attention maps are pooled in chunks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from verl_anchor.capture import AttentionCapture, CaptureError
+from verl_anchor.config import AnchorConfig
+from verl_anchor.credit import select_tokens, waad_jumps
+from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, group_signals
+
+RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
+
+DEMO_PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Let's think step by step.",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+    "How much did she earn? Let's think step by step.",
+    "Betty is saving money for a new wallet which costs $100. She has only half of the money she needs. "
+    "How much more money does Betty need? Let's think step by step.",
+]
+
+
+class AnalysisError(ValueError):
+    """Bad input to an analysis command (the message names it and what to do)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    """The options every analysis command takes."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Hugging Face model id or local path (e.g. Qwen/Qwen3-4B-Base)")
+    source.add_argument("--demo", action="store_true", help="use the tiny offline random model (no downloads)")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="jsonl with a `prompt` field per line (optional `response`: then no generation); "
+                             "default: three built-in arithmetic word problems")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="response length limit")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i")
+    parser.add_argument("--num-layers", type=int, default=5,
+                        help="layers captured: this many evenly spaced over the middle third")
+
+
+def user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command's `run(args)`: bad input and models the capture cannot handle exit 2 with the message."""
+
+    @functools.wraps(run)
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (AnalysisError, CaptureError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return guarded
+
+
+def check_options(checks: list[tuple[str, Any, bool, str]]) -> None:
+    """Raise `AnalysisError` for the first `(option, value, ok, allowed)` that is not ok."""
+    for option, value, ok, allowed in checks:
+        if not ok:
+            raise AnalysisError(f"--{option}={value} is invalid: use {allowed}")
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    """A rich table of labels and numbers (floats to 3 decimals, None as n/a)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    Console().print(table)
+
+
+def load_prompts(path: Path | None) -> list[dict[str, Any]]:
+    if path is None:
+        return [{"prompt": p} for p in DEMO_PROMPTS]
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise AnalysisError(f"cannot read --prompts {path}: {err.strerror}") from err
+    items = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AnalysisError(f"{path}:{lineno}: not JSON ({err.msg})") from err
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise AnalysisError(f"{path}:{lineno}: each line must be a JSON object with a string `prompt`")
+        items.append(item)
+    if not items:
+        raise AnalysisError(f"{path} has no prompts")
+    return items
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
+    """(model, tokenizer, model name) for `--demo` or `--model`; bfloat16 on a GPU, float32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.demo:
+        from verl_anchor.tiny import ensure_tiny_model
+
+        path = str(ensure_tiny_model(Path(args.out) / "cache"))
+    else:
+        path = args.model
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    if cuda:
+        model = model.to("cuda")
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path), path
+
+
+@dataclasses.dataclass
+class ResponseAnalysis:
+    """One response and the signals of its captured forward. Tensors are on the CPU, float32."""
+
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    tokens: list[str]  # each token decoded on its own
+    generated: bool
+    head: HeadStats  # per captured head ((layer, head) order) over the response tokens
+    entropy: torch.Tensor  # (n,) nats, of the distribution that predicted each response token
+    signals: GroupSignals  # WAAD over the local group, FAI over the global group
+    local_heads: torch.Tensor
+    global_heads: torch.Tensor
+    preplan: list[int]  # positions of the top RATIO of WAAD jumps
+    anchor: list[int]  # positions of the top RATIO of FAI
+    candidates: torch.Tensor | None = None  # (n, c) most likely token ids at each position, when asked
+    attention_map: torch.Tensor | None = None  # (H, B, B) pooled response attention, when asked
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready numbers (tensors as lists, NaN as None)."""
+        return {
+            "index": self.index,
+            "prompt": self.prompt,
+            "prompt_len": len(self.prompt_ids),
+            "generated": self.generated,
+            "token_ids": self.token_ids,
+            "tokens": self.tokens,
+            "waad": floats(self.signals.waad),
+            "fai": floats(self.signals.fai),
+            "entropy": floats(self.entropy),
+            "head_span": floats(self.head.span),
+            "local_heads": self.local_heads.tolist(),
+            "global_heads": self.global_heads.tolist(),
+            "span_loc": _finite(self.signals.span_loc),
+            "span_glob": _finite(self.signals.span_glob),
+            "preplan": self.preplan,
+            "anchor": self.anchor,
+        }
+
+
+class Session:
+    """A model, its tokenizer, the prompts and an analysis-mode capture, as the command line asked.
+
+    `candidates`: also keep the `candidates` most likely token ids at each response position.
+    `map_bins`: also pool each response's attention per head into at most `map_bins`^2 cells.
+    """
+
+    def __init__(self, args: argparse.Namespace, candidates: int = 0, map_bins: int | None = None) -> None:
+        self.args = args
+        self.items = load_prompts(args.prompts)
+        try:
+            self.cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None, num_layers=args.num_layers)
+        except ValueError as err:
+            raise AnalysisError(f"--num-layers: {err}") from err
+        check_options([("max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
+                       ("temperature", args.temperature, args.temperature >= 0, "0 (greedy) or a positive number")])
+        self.model, self.tokenizer, self.name = load_model(args)
+        self.capture = AttentionCapture(self.model, self.cfg, map_bins=map_bins)
+        self.candidates = candidates
+        self.device = next(self.model.parameters()).device
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt as the model sees it: the chat template when the tokenizer has one."""
+        if getattr(self.tokenizer, "chat_template", None):
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                        add_generation_prompt=True)
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def generate(self, prefixes: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
+        """Continuations of equal-length `prefixes` in one batch, each cut after its end-of-sequence token."""
+        if len({len(p) for p in prefixes}) != 1:
+            raise ValueError("generate takes prefixes of one length (no padding)")
+        inputs = torch.tensor(prefixes, device=self.device)
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        with torch.no_grad():
+            out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                                      pad_token_id=pad, **sampling)
+        continuations = []
+        for row in out[:, inputs.shape[1]:].tolist():
+            if eos is not None and eos in row:  # keep the eos, drop the padding after it
+                row = row[: row.index(eos) + 1]
+            continuations.append(row)
+        return continuations
+
+    def analyses(self, desc: str) -> Iterator[ResponseAnalysis]:
+        """Per prompt, its response and signals, with a progress bar over the prompts."""
+        from tqdm import tqdm
+
+        args = self.args
+        for i, item in enumerate(tqdm(self.items, desc=desc, unit="prompt", disable=None)):
+            ids = self.prompt_ids(item["prompt"])
+            given = item.get("response")
+            if isinstance(given, str):
+                response = list(self.tokenizer(given, add_special_tokens=False)["input_ids"])
+            else:
+                (response,) = self.generate([ids], args.max_new_tokens, args.temperature, args.seed + i)
+            yield self.analyze(i, item["prompt"], ids, response, generated=not isinstance(given, str))
+
+    def analyze(self, index: int, prompt: str, ids: list[int], response: list[int], generated: bool) -> ResponseAnalysis:
+        """One forward of prompt + response under the capture, and every signal of the response."""
+        full = torch.tensor([ids + response], device=self.device)
+        prompt_len, n = len(ids), len(response)
+        self.capture.map_from = prompt_len
+        with torch.no_grad(), self.capture:
+            logits = self.model(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False).logits[0]
+        (stats,) = self.capture.pop()
+        head = stats.response(prompt_len)
+        head = HeadStats(span=head.span.float().cpu(), waad=head.waad.float().cpu(), fai=head.fai.float().cpu())
+        # Position j of the response is predicted by the logits at prompt_len - 1 + j.
+        logp = torch.log_softmax(logits[prompt_len - 1 : prompt_len - 1 + n].float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1).cpu()
+        candidates = logp.topk(min(self.candidates, logp.shape[-1]), dim=-1).indices.cpu() if self.candidates else None
+        if n:
+            signals = group_signals(head, self.cfg)
+            local_heads, global_heads = group_heads(head.span, self.cfg)
+            preplan = select_tokens(waad_jumps(signals.waad), RATIO).nonzero().flatten().tolist()
+            anchor = select_tokens(signals.fai, RATIO).nonzero().flatten().tolist()
+        else:
+            signals = GroupSignals(waad=torch.zeros(0), fai=torch.zeros(0), span_loc=math.nan, span_glob=math.nan)
+            local_heads = global_heads = torch.zeros(0, dtype=torch.long)
+            preplan, anchor = [], []
+        pooled = None if stats.attention_map is None else stats.attention_map.float().cpu()
+        return ResponseAnalysis(
+            index=index, prompt=prompt, prompt_ids=ids, token_ids=response,
+            tokens=[self.tokenizer.decode([t]) for t in response], generated=generated, head=head,
+            entropy=entropy, signals=signals, local_heads=local_heads, global_heads=global_heads,
+            preplan=preplan, anchor=anchor, candidates=candidates, attention_map=pooled,
+        )
+
+    def meta(self) -> dict[str, Any]:
+        """What produced the results (model, layers, analysis config, sampling), for the JSON outputs."""
+        return {"model": self.name, "layers": self.capture.layers, "config": self.cfg.to_dict(), "ratio": RATIO,
+                "seed": self.args.seed, "temperature": self.args.temperature}
+
+
+def write_json(payload: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+
+
+def floats(t: torch.Tensor) -> list[float | None]:
+    return [_finite(v) for v in t.detach().float().cpu().tolist()]
+
+
+def _finite(v: float) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else v
