@@ -94,7 +94,7 @@ def test_attention_maps_are_the_pooled_eager_attention(demo_out):
     data = _metrics(demo_out)
     p = data["prompts"][0]
     args = argparse.Namespace(demo=False, model=data["model"], prompts=None, out=demo_out, max_new_tokens=MAX_NEW,
-                              temperature=0.7, seed=0, num_layers=5)
+                              temperature=0.7, seed=0, num_layers=5, limit=None)
     session = common.Session(args, map_bins=16)
     analysis = session.analyze(0, p["prompt"], session.prompt_ids(p["prompt"]), p["token_ids"], generated=False)
     full = torch.tensor([analysis.prompt_ids + p["token_ids"]])
@@ -183,7 +183,7 @@ def test_long_response_is_analysed_without_an_n_by_n_tensor(demo_out):
     """A 4k-token response: no tensor as large as one head's N x N attention, maps pooled to 64 x 64."""
     data = _metrics(demo_out)
     args = argparse.Namespace(demo=False, model=data["model"], prompts=None, out=demo_out, max_new_tokens=1,
-                              temperature=0.0, seed=0, num_layers=5)
+                              temperature=0.0, seed=0, num_layers=5, limit=None)
     session = common.Session(args, map_bins=64)
     ids = session.prompt_ids("Count to four thousand.")
     response = torch.randint(3, 1024, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -200,6 +200,23 @@ def test_model_without_attention_exits_2(tmp_path, monkeypatch, capsys):
     for command in ("analyze", "coupling", "perturb"):
         assert main([command, "--demo", "--out", str(tmp_path)]) == 2
         assert "no Hugging Face attention modules" in capsys.readouterr().err
+
+
+def test_prompts_from_a_verl_parquet_with_limit(tmp_path):
+    """`verl-anchor data gsm8k` output feeds the analysis commands (the paper's GSM8K setting)."""
+    from verl_anchor.data import MATH_INSTRUCTION, prepare_math
+
+    questions = [f"Tom has {i} apples and buys 2 more. How many apples does he have?" for i in range(5)]
+    src = tmp_path / "test.jsonl"
+    src.write_text("\n".join(json.dumps({"question": q, "answer": f"... #### {i + 2}"}) for i, q in enumerate(questions)))
+    written = prepare_math("gsm8k", tmp_path / "data", src, split="test")
+    items = common.load_prompts(written["test"], limit=3)
+    assert [item["prompt"] for item in items] == [q + MATH_INSTRUCTION for q in questions[:3]]
+    assert len(common.load_prompts(written["test"])) == 5
+    with pytest.raises(common.AnalysisError, match="--limit=0 is invalid"):
+        common.load_prompts(written["test"], limit=0)
+    with pytest.raises(common.AnalysisError, match="`prompt` column"):
+        common.load_prompts(tmp_path / "missing.parquet")
 
 
 @pytest.mark.parametrize("content, message", [

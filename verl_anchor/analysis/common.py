@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     source.add_argument("--model", help="Hugging Face model id or local path (e.g. Qwen/Qwen3-4B-Base)")
     source.add_argument("--demo", action="store_true", help="use the tiny offline random model (no downloads)")
     parser.add_argument("--prompts", type=Path, default=None,
-                        help="jsonl with a `prompt` field per line (optional `response`: then no generation); "
+                        help="jsonl with a `prompt` field per line (optional `response`: then no generation), or "
+                             "a verl parquet such as `verl-anchor data gsm8k` writes; "
                              "default: three built-in arithmetic word problems")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first LIMIT prompts")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="response length limit")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
@@ -93,11 +95,24 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     Console().print(table)
 
 
-def load_prompts(path: Path | None) -> list[dict[str, Any]]:
+def load_prompts(path: Path | None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Prompt items (`prompt`, optional `response`) from `path`, or the demo problems; at most `limit`."""
+    if limit is not None and limit < 1:
+        raise AnalysisError(f"--limit={limit} is invalid: use an integer >= 1")
     if path is None:
-        return [{"prompt": p} for p in DEMO_PROMPTS]
+        items = [{"prompt": p} for p in DEMO_PROMPTS]
+    elif Path(path).suffix == ".parquet":
+        items = _parquet_prompts(Path(path))
+    else:
+        items = _jsonl_prompts(Path(path))
+    if not items:
+        raise AnalysisError(f"{path} has no prompts")
+    return items[:limit]
+
+
+def _jsonl_prompts(path: Path) -> list[dict[str, Any]]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise AnalysisError(f"cannot read --prompts {path}: {err.strerror}") from err
     items = []
@@ -111,8 +126,23 @@ def load_prompts(path: Path | None) -> list[dict[str, Any]]:
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise AnalysisError(f"{path}:{lineno}: each line must be a JSON object with a string `prompt`")
         items.append(item)
-    if not items:
-        raise AnalysisError(f"{path} has no prompts")
+    return items
+
+
+def _parquet_prompts(path: Path) -> list[dict[str, Any]]:
+    """verl's data schema: `prompt` is a list of chat messages; the user messages make the prompt."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
+    except (OSError, KeyError, ValueError) as err:
+        raise AnalysisError(f"cannot read the `prompt` column of --prompts {path}: {err}") from err
+    items = []
+    for index, messages in enumerate(rows):
+        text = "\n".join(m.get("content", "") for m in messages or [] if m.get("role") == "user")
+        if not text:
+            raise AnalysisError(f"{path}: row {index} has no user message in `prompt`")
+        items.append({"prompt": text})
     return items
 
 
@@ -185,7 +215,7 @@ class Session:
 
     def __init__(self, args: argparse.Namespace, candidates: int = 0, map_bins: int | None = None) -> None:
         self.args = args
-        self.items = load_prompts(args.prompts)
+        self.items = load_prompts(args.prompts, args.limit)
         try:
             self.cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None, num_layers=args.num_layers)
         except ValueError as err:
