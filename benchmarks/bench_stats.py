@@ -9,12 +9,18 @@ N tokens (the last half is the response), it measures in one run:
   (b) fast  : sdpa forward with `AttentionCapture` computing `token_stats` on the selected layers;
   (c) plain : the sdpa forward alone;
 
-and prints time and peak memory of each, and the ratios (a)/(c), (b)/(c). Each (mode, N) runs
+and, with `--analysis`,
+
+  (d) analysis : sdpa forward with the capture in `verl-anchor analyze`'s mode: FAI horizon to the
+              end of the response and the response's attention pooled to 256 x 256 cells per head;
+
+and prints time and peak memory of each, and the ratios to (c). Each (mode, N) runs
 in its own process so peak memory (max RSS above the RSS after building the model) is its own.
 Where (a) would need more memory than is available it prints the estimate and skips it.
 
     python benchmarks/bench_stats.py                       # N = 1k, 2k, 4k, 8k, 16k
     python benchmarks/bench_stats.py --sizes 1024 4096 --repeats 3
+    python benchmarks/bench_stats.py --sizes 1024 4096 --analysis
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ MODEL = dict(
     vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=36, num_attention_heads=8,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=32768,
 )
-MODES = ("plain", "fast", "dense")
 
 
 def rss_bytes() -> int:
@@ -68,13 +73,16 @@ def worker(mode: str, n: int, repeats: int) -> dict:
     cfg = AnchorConfig()
     layers = select_layers(MODEL["num_hidden_layers"], cfg.num_layers)
     response_start = n // 2
+    analysis_capture = AttentionCapture(model, AnchorConfig(fai_h_lo=0, fai_h_hi=None), map_bins=256)
+    analysis_capture.map_from = response_start
 
     def run_once() -> None:
         with torch.no_grad():
             if mode == "plain":
                 model(ids, use_cache=False)
-            elif mode == "fast":
-                with AttentionCapture(model, cfg) as capture:
+            elif mode in ("fast", "analysis"):
+                capture = analysis_capture if mode == "analysis" else AttentionCapture(model, cfg)
+                with capture:
                     model(ids, use_cache=False)
                 (stats,) = capture.pop()
                 stats.response(response_start)
@@ -105,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per (mode, N); the best is kept")
+    parser.add_argument("--analysis", action="store_true", help="also measure (d), the analysis toolkit's capture")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -114,12 +123,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the whole table
     console.print(f"model: {MODEL}; statistics on 5 of 36 layers; response = last N/2 tokens; "
                   f"best of {args.repeats} runs; memory = peak RSS above the RSS after building the model")
     table = Table(title="attention statistics: dense (paper) vs fast capture vs plain forward")
+    analysis = ["(d) analysis s", "(d)/(c) time", "(d) analysis MiB"] if args.analysis else []
     for column in ("N", "(c) plain s", "(b) fast s", "(a) dense s", "(b)/(c) time", "(a)/(c) time",
-                   "(c) plain MiB", "(b) fast MiB", "(a) dense MiB", "(b)-(c) MiB"):
+                   "(c) plain MiB", "(b) fast MiB", "(a) dense MiB", "(b)-(c) MiB", *analysis):
         table.add_column(column, justify="right")
     mib = 1 << 20
     for n in args.sizes:
@@ -135,6 +145,9 @@ def main() -> None:
             with console.status(f"N = {n}: eager forward + output_attentions + dense formulas"):
                 dense = measure("dense", n, repeats)
         results = [plain, fast, dense]
+        if args.analysis:
+            with console.status(f"N = {n}: forward + analysis-mode capture with attention maps"):
+                results.append(measure("analysis", n, repeats))
 
         def cell(result: dict, key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
             if key in result:
@@ -144,9 +157,12 @@ def main() -> None:
         def ratio(result: dict) -> str:
             return f"{result['seconds'] / plain['seconds']:.3f}" if "seconds" in result and "seconds" in plain else "-"
 
-        table.add_row(str(n), *(cell(r, "seconds") for r in results), ratio(fast), ratio(dense),
-                      *(cell(r, "peak_bytes", mib, "{:.0f}") for r in results),
-                      f"{(fast['peak_bytes'] - plain['peak_bytes']) / mib:.0f}" if "peak_bytes" in fast and "peak_bytes" in plain else "-")
+        extra = [cell(results[3], "seconds"), ratio(results[3]), cell(results[3], "peak_bytes", mib, "{:.0f}")] \
+            if args.analysis else []
+        table.add_row(str(n), *(cell(r, "seconds") for r in results[:3]), ratio(fast), ratio(dense),
+                      *(cell(r, "peak_bytes", mib, "{:.0f}") for r in results[:3]),
+                      f"{(fast['peak_bytes'] - plain['peak_bytes']) / mib:.0f}" if "peak_bytes" in fast and "peak_bytes" in plain else "-",
+                      *extra)
         console.print(f"N = {n}: " + json.dumps(results))
     console.print(table)
 

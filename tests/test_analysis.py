@@ -193,6 +193,11 @@ def test_long_response_is_analysed_without_an_n_by_n_tensor(demo_out):
     assert analysis.signals.waad.shape == (4096,) and not torch.isnan(analysis.signals.waad).any()
     assert analysis.attention_map.shape[-2:] == (64, 64)
     assert probe.largest < n * n, f"a tensor of {probe.largest} elements (N x N = {n * n})"
+    # The entropy, computed in blocks of rows, equals the entropy of the whole logits at once.
+    with torch.no_grad():
+        logits = session.model(input_ids=torch.tensor([ids + response]), use_cache=False).logits[0, len(ids) - 1 : -1]
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    torch.testing.assert_close(analysis.entropy.double(), -(logp.exp() * logp).sum(-1), atol=1e-4, rtol=0)
 
 
 def test_model_without_attention_exits_2(tmp_path, monkeypatch, capsys):
@@ -235,6 +240,8 @@ def test_bad_prompts_file(tmp_path, capsys, content, message):
     (["analyze", "--max-new-tokens", "0"], "--max-new-tokens=0 is invalid"),
     (["analyze", "--temperature", "-1"], "--temperature=-1.0 is invalid"),
     (["analyze", "--num-layers", "0"], "--num-layers"),
+    (["analyze", "--map-bins", "0"], "--map-bins=0 is invalid"),
+    (["analyze", "--limit", "0"], "--limit=0 is invalid"),
     (["coupling", "--peak-quantile", "0"], "--peak-quantile=0.0 is invalid"),
     (["perturb", "--candidates", "0"], "--candidates=0 is invalid"),
 ])

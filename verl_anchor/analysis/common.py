@@ -277,10 +277,7 @@ class Session:
         (stats,) = self.capture.pop()
         head = stats.response(prompt_len)
         head = HeadStats(span=head.span.float().cpu(), waad=head.waad.float().cpu(), fai=head.fai.float().cpu())
-        # Position j of the response is predicted by the logits at prompt_len - 1 + j.
-        logp = torch.log_softmax(logits[prompt_len - 1 : prompt_len - 1 + n].float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1).cpu()
-        candidates = logp.topk(min(self.candidates, logp.shape[-1]), dim=-1).indices.cpu() if self.candidates else None
+        entropy, candidates = self._predictions(logits[prompt_len - 1 : prompt_len - 1 + n])
         if n:
             signals = group_signals(head, self.cfg)
             local_heads, global_heads = group_heads(head.span, self.cfg)
@@ -297,6 +294,22 @@ class Session:
             entropy=entropy, signals=signals, local_heads=local_heads, global_heads=global_heads,
             preplan=preplan, anchor=anchor, candidates=candidates, attention_map=pooled,
         )
+
+    def _predictions(self, logits: torch.Tensor, rows: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Entropy and top candidate ids of the distributions that predicted the response tokens.
+
+        `logits[j]` predicts response token j. Float32 in blocks of `rows`, so a long response with a
+        large vocabulary does not hold several float32 copies of all its logits at once.
+        """
+        entropy, candidates = [], []
+        for block in logits.split(rows):
+            logp = torch.log_softmax(block.float(), dim=-1)
+            entropy.append(-(logp.exp() * logp).sum(dim=-1).cpu())
+            if self.candidates:
+                candidates.append(logp.topk(min(self.candidates, logp.shape[-1]), dim=-1).indices.cpu())
+        if not entropy:  # an empty response
+            return torch.zeros(0), torch.zeros(0, 0, dtype=torch.long) if self.candidates else None
+        return torch.cat(entropy), torch.cat(candidates) if self.candidates else None
 
     def meta(self) -> dict[str, Any]:
         """What produced the results (model, layers, analysis config, sampling), for the JSON outputs."""

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from verl_anchor.analysis.common import ResponseAnalysis, Session, add_arguments, user_errors, write_json
+from verl_anchor.analysis.common import (
+    ResponseAnalysis,
+    Session,
+    add_arguments,
+    check_options,
+    user_errors,
+    write_json,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +37,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 @user_errors
 def run(args: argparse.Namespace) -> int:
+    check_options([("map-bins", args.map_bins, args.map_bins >= 1, "an integer >= 1")])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     session = Session(args, map_bins=args.map_bins)
