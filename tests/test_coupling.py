@@ -16,6 +16,7 @@ from verl_anchor.analysis.coupling import (
     coupling_statistics,
     find_peaks,
     kurtosis,
+    local_mean,
     receiver_heads,
     shuffled_matched,
 )
@@ -40,6 +41,24 @@ def test_find_peaks_wide_radius():
     v = torch.tensor([0.0, 3, 1, 5, 4.5, 2, NAN, 9, 1])
     # Radius 3: 5 at position 3 sees nothing larger in 0..6 (9 is 4 away); 3 at position 1 sees the 5.
     assert find_peaks(v, 0.5, 3).tolist() == [3, 7]
+
+
+def test_local_mean_skips_unusable_positions():
+    v = torch.tensor([1.0, 2, NAN, 4, 100])
+    usable = torch.tensor([True, True, False, True, False])
+    assert local_mean(v, usable, 1).tolist() == pytest.approx([1.5, 1.5, 3.0, 4.0, 4.0])
+
+
+def test_window_removes_a_trend_before_ranking():
+    ramp = torch.arange(40, dtype=torch.float64) * 0.1
+    ramp[8] += 0.5
+    ramp[20] += 0.6
+    # Raw values: the top 5% are the end of the ramp, where only the last position is a local maximum.
+    assert find_peaks(ramp, 0.05, 1).tolist() == [39]
+    # Relative to the mean within 5 positions the two bumps rank first (the last position, whose
+    # baseline is one-sided, still sits 0.25 above it and comes third).
+    assert find_peaks(ramp, 0.05, 1, window=5).tolist() == [8, 20]
+    assert find_peaks(ramp, 0.1, 1, window=5).tolist() == [8, 20, 39]
 
 
 def test_count_matched_lags():

@@ -10,8 +10,9 @@ Over a set of prompts (one captured forward per response, see `common.Session`):
    own; the share of their FAI peaks within `match_radius` tokens of a global-head FAI peak, vs
    random global peak positions.
 
-Peaks (`find_peaks`): a position is a peak of a signal when its value is defined, is among the
-top `quantile` of the response's values, and no value within `radius` positions is larger.
+Peaks (`find_peaks`): a position is a peak of a signal when its value, taken relative to the
+signal's mean within `window` positions, is among the top `quantile` of the response's values and
+no value within `radius` positions is larger.
 FAI peaks, receiver-head kurtosis and the shuffled FAI positions use only positions with at least
 `min_future` later response tokens: in analysis mode the last tokens' FAI averages a handful of
 queries and would dominate both. Writes `coupling.json` and prints a table.
@@ -43,6 +44,7 @@ from verl_anchor.analysis.common import (
 class PeakOptions:
     quantile: float = 0.2  # a peak is among the top 20% of the response's values ...
     radius: int = 1  # ... and the largest within 1 position on either side
+    window: int = 20  # values are taken relative to their mean within 20 positions (0: raw values)
     min_future: int = 10  # FAI is read only where at least this many response tokens follow
     max_lag: int = 3  # an FAI peak "follows" a WAAD peak 0..3 tokens before it
     match_radius: int = 1  # a receiver peak "co-occurs" with a global peak within 1 token
@@ -53,6 +55,7 @@ class PeakOptions:
     def __post_init__(self) -> None:
         check_options([("peak-quantile", self.quantile, 0 < self.quantile <= 1, "a number in (0, 1]"),
                        ("peak-radius", self.radius, self.radius >= 0, "an integer >= 0"),
+                       ("peak-window", self.window, self.window >= 0, "an integer >= 0 (0 = raw values)"),
                        ("min-future", self.min_future, self.min_future >= 0, "an integer >= 0"),
                        ("max-lag", self.max_lag, self.max_lag >= 0, "an integer >= 0"),
                        ("match-radius", self.match_radius, self.match_radius >= 0, "an integer >= 0"),
@@ -62,12 +65,16 @@ class PeakOptions:
 
 # -- statistics (pure) ---------------------------------------------------------------------
 
-def find_peaks(values: torch.Tensor, quantile: float, radius: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
+def find_peaks(values: torch.Tensor, quantile: float, radius: int, eligible: torch.Tensor | None = None,
+               window: int = 0) -> torch.Tensor:
     """Peak positions of a 1-D signal (module doc), sorted.
 
-    Of the m defined (and eligible) values, the `ceil(quantile * m)` largest are candidates (ties:
-    the earlier position first, so a flat signal cannot make every position a peak); a candidate is
-    a peak when no usable value within `radius` positions is larger.
+    With `window > 0` each value is first taken relative to the mean of the usable values within
+    `window` positions (a local baseline), so a slow trend along the response (WAAD grows with the
+    context) does not decide where the peaks are. Of the m usable (defined, eligible) values, the
+    `ceil(quantile * m)` largest are candidates (ties: the earlier position first, so a flat signal
+    cannot make every position a peak); a candidate is a peak when no usable value within `radius`
+    positions is larger.
     """
     values = values.double()
     usable = ~torch.isnan(values)
@@ -76,6 +83,8 @@ def find_peaks(values: torch.Tensor, quantile: float, radius: int, eligible: tor
     positions = usable.nonzero().flatten()
     if positions.numel() == 0:
         return positions
+    if window > 0:
+        values = values - local_mean(values, usable, window)
     k = max(1, math.ceil(quantile * positions.numel() - 1e-9))
     order = torch.sort(values[positions], descending=True, stable=True).indices[:k]
     masked = torch.where(usable, values, torch.full_like(values, -math.inf))
@@ -83,6 +92,17 @@ def find_peaks(values: torch.Tensor, quantile: float, radius: int, eligible: tor
     window_max = padded.unfold(0, 2 * radius + 1, 1).max(dim=1).values
     candidates = positions[order]
     return candidates[masked[candidates] >= window_max[candidates]].sort().values
+
+
+def local_mean(values: torch.Tensor, usable: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of the usable `values` within `window` positions of each position (itself included)."""
+    zeros = torch.zeros(1, dtype=torch.float64)
+    sums = torch.cat([zeros, torch.where(usable, values.double(), 0.0).cumsum(0)])
+    counts = torch.cat([zeros, usable.double().cumsum(0)])
+    n = values.numel()
+    lo = (torch.arange(n) - window).clamp(min=0)
+    hi = (torch.arange(n) + window + 1).clamp(max=n)
+    return (sums[hi] - sums[lo]) / (counts[hi] - counts[lo]).clamp(min=1)
 
 
 def count_matched(targets: torch.Tensor, sources: torch.Tensor, lo: int, hi: int) -> int:
@@ -133,6 +153,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="a peak is among this top share of a response's values")
     parser.add_argument("--peak-radius", type=int, default=defaults.radius,
                         help="a peak is the largest value within this many positions on either side")
+    parser.add_argument("--peak-window", type=int, default=defaults.window,
+                        help="peaks are ranked relative to the signal's mean within this many positions (0: raw)")
     parser.add_argument("--min-future", type=int, default=defaults.min_future,
                         help="FAI is read only at positions followed by at least this many response tokens")
     parser.add_argument("--max-lag", type=int, default=defaults.max_lag,
@@ -146,9 +168,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 @user_errors
 def run(args: argparse.Namespace) -> int:
-    options = PeakOptions(quantile=args.peak_quantile, radius=args.peak_radius, min_future=args.min_future,
-                          max_lag=args.max_lag, match_radius=args.match_radius, receivers=args.receivers,
-                          shuffles=args.shuffles, seed=args.seed)
+    options = PeakOptions(quantile=args.peak_quantile, radius=args.peak_radius, window=args.peak_window,
+                          min_future=args.min_future, max_lag=args.max_lag, match_radius=args.match_radius,
+                          receivers=args.receivers, shuffles=args.shuffles, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     session = Session(args)
@@ -204,9 +226,10 @@ def _response_row(r: ResponseAnalysis, horizon: int, receivers: torch.Tensor, op
     """One response's peaks and matched counts (observed and expected under shuffling)."""
     n = len(r.token_ids)
     eligible = torch.arange(n) < horizon
-    waad_peaks = find_peaks(r.signals.waad, options.quantile, options.radius)
-    fai_peaks = find_peaks(r.signals.fai, options.quantile, options.radius, eligible)
-    receiver_peaks = find_peaks(r.head.fai[receivers].mean(dim=0), options.quantile, options.radius, eligible)
+    peak_options = (options.quantile, options.radius)
+    waad_peaks = find_peaks(r.signals.waad, *peak_options, window=options.window)
+    fai_peaks = find_peaks(r.signals.fai, *peak_options, eligible, window=options.window)
+    receiver_peaks = find_peaks(r.head.fai[receivers].mean(dim=0), *peak_options, eligible, window=options.window)
     lag, radius, shuffles = options.max_lag, options.match_radius, options.shuffles
     return {
         "index": r.index,
