@@ -267,8 +267,14 @@ def test_main_ppo_grpo_runs_on_cpu(tmp_path, layout):
     assert rc == 0, log[-6000:]
     steps = parse_step_metrics(log)
     assert sorted(steps) == [1, 2], log[-6000:]
+    # Step 1's random responses score differently, so GRPO has advantages and the actor a gradient.
+    # After the large step-1 update the policy may collapse (all rewards equal, all advantages 0,
+    # seen in CI): then a zero gradient is right, so later steps need a gradient only where
+    # their advantages are non-zero.
+    assert steps[1]["critic/advantages/max"] > 0
     for metrics in steps.values():
-        assert metrics["timing_s/step"] > 0 and metrics["actor/grad_norm"] > 0
+        assert metrics["timing_s/step"] > 0
+        assert (metrics["actor/grad_norm"] > 0) == (metrics["critic/advantages/max"] > 0)
         # The actor's forward (this layout) reproduces the hf server's sampling probabilities. At
         # step 2 this also proves the weight sync: with the server still on the initial weights the
         # difference was 0.998 (1e-6 when synced).
