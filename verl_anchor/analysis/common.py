@@ -25,7 +25,7 @@ import torch
 from verl_anchor.capture import AttentionCapture, CaptureError
 from verl_anchor.config import AnchorConfig
 from verl_anchor.credit import select_tokens, waad_jumps
-from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, group_signals
+from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, response_signals
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
 
@@ -278,15 +278,12 @@ class Session:
         head = stats.response(prompt_len)
         head = HeadStats(span=head.span.float().cpu(), waad=head.waad.float().cpu(), fai=head.fai.float().cpu())
         entropy, candidates = self._predictions(logits[prompt_len - 1 : prompt_len - 1 + n])
-        if n:
-            signals = group_signals(head, self.cfg)
-            local_heads, global_heads = group_heads(head.span, self.cfg)
-            preplan = select_tokens(waad_jumps(signals.waad), RATIO).nonzero().flatten().tolist()
-            anchor = select_tokens(signals.fai, RATIO).nonzero().flatten().tolist()
-        else:
-            signals = GroupSignals(waad=torch.zeros(0), fai=torch.zeros(0), span_loc=math.nan, span_glob=math.nan)
-            local_heads = global_heads = torch.zeros(0, dtype=torch.long)
-            preplan, anchor = [], []
+        signals = response_signals(stats, n, self.cfg)  # empty vectors and NaN spans for an empty response
+        signals = dataclasses.replace(signals, waad=signals.waad.float().cpu(), fai=signals.fai.float().cpu())
+        no_heads = torch.zeros(0, dtype=torch.long)
+        local_heads, global_heads = group_heads(head.span, self.cfg) if n else (no_heads, no_heads)
+        preplan = select_tokens(waad_jumps(signals.waad), RATIO).nonzero().flatten().tolist()
+        anchor = select_tokens(signals.fai, RATIO).nonzero().flatten().tolist()
         pooled = None if stats.attention_map is None else stats.attention_map.float().cpu()
         return ResponseAnalysis(
             index=index, prompt=prompt, prompt_ids=ids, token_ids=response,
