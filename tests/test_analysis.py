@@ -42,6 +42,13 @@ def _eager(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def _session(model_path, map_bins):
+    """A `Session` on a saved model, as `--model PATH` builds it (default options)."""
+    args = argparse.Namespace(demo=False, model=model_path, prompts=None, out=None, max_new_tokens=MAX_NEW,
+                              temperature=0.7, seed=0, num_layers=5, limit=None)
+    return common.Session(args, map_bins=map_bins)
+
+
 def test_files_exist(demo_out):
     data = _metrics(demo_out)
     assert len(data["prompts"]) == len(common.DEMO_PROMPTS) and data["demo"] is True
@@ -93,9 +100,7 @@ def test_matches_eager_reference(demo_out):
 def test_attention_maps_are_the_pooled_eager_attention(demo_out):
     data = _metrics(demo_out)
     p = data["prompts"][0]
-    args = argparse.Namespace(demo=False, model=data["model"], prompts=None, out=demo_out, max_new_tokens=MAX_NEW,
-                              temperature=0.7, seed=0, num_layers=5, limit=None)
-    session = common.Session(args, map_bins=16)
+    session = _session(data["model"], map_bins=16)
     analysis = session.analyze(0, p["prompt"], session.prompt_ids(p["prompt"]), p["token_ids"], generated=False)
     full = torch.tensor([analysis.prompt_ids + p["token_ids"]])
     with torch.no_grad():
@@ -182,9 +187,7 @@ def test_given_responses_skip_generation(demo_out, tmp_path, monkeypatch):
 def test_long_response_is_analysed_without_an_n_by_n_tensor(demo_out):
     """A 4k-token response: no tensor as large as one head's N x N attention, maps pooled to 64 x 64."""
     data = _metrics(demo_out)
-    args = argparse.Namespace(demo=False, model=data["model"], prompts=None, out=demo_out, max_new_tokens=1,
-                              temperature=0.0, seed=0, num_layers=5, limit=None)
-    session = common.Session(args, map_bins=64)
+    session = _session(data["model"], map_bins=64)
     ids = session.prompt_ids("Count to four thousand.")
     response = torch.randint(3, 1024, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
     n = len(ids) + len(response)
