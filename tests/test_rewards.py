@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import math
+import multiprocessing
+import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
-from verl_anchor.rewards import compute_score
+from verl_anchor.rewards import compute_score, math_verify_pool
 from verl_anchor.rewards.boxed_math import last_boxed
+from verl_anchor.rewards.math_verify_pool import ATTEMPTS, MathVerifier, MathVerifyUnavailable
 from verl_anchor.rewards.countdown import MAX_ANSWER_CHARS, last_answer, parse_equation, score_countdown
 
 # (7 - 5) * 3 * 2 = 12, checked by hand.
@@ -225,6 +232,98 @@ def test_math_from_threads() -> None:
     for t in threads:
         t.join(timeout=60)
     assert [scores.get(i) for i in range(len(cases))] == [expected for _, _, expected in cases]
+
+
+class FlakyStart:
+    """A spawn context whose first ``failures`` process starts fail as a fork hitting EAGAIN does."""
+
+    def __init__(self, failures: float) -> None:
+        self._spawn = multiprocessing.get_context("spawn")
+        self.failures = failures
+        self.failed = 0
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802  (multiprocessing's name)
+        if self.failed < self.failures:
+            self.failed += 1
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return self._spawn.Process(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spawn, name)
+
+
+@pytest.fixture
+def no_retry_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(math_verify_pool, "RETRY_DELAYS_S", (0.0,) * (ATTEMPTS - 1))
+
+
+def test_math_pool_recovers_when_first_start_fails(no_retry_delay: None) -> None:
+    # Today's main switched to in-process verification for good after one failed start.
+    verifier = MathVerifier(1, context=FlakyStart(failures=1))
+    try:
+        assert verifier.verify("\\frac{1}{2}", "0.5", timeout_s=5.0) is True
+        assert verifier.verify("72", "73", timeout_s=5.0) is False
+        # still bounded after the recovery: a hostile answer off the main thread is killed
+        result: dict[str, Any] = {}
+
+        def hostile() -> None:
+            start = time.perf_counter()
+            result["match"] = verifier.verify("72", "9^{9^{9}}", timeout_s=1.0)
+            result["seconds"] = time.perf_counter() - start
+
+        thread = threading.Thread(target=hostile)
+        thread.start()
+        thread.join(timeout=20)
+        assert result["match"] is False and result["seconds"] < 1.0 + 1.5
+        assert verifier.verify("72", "\\frac{144}{2}", timeout_s=5.0) is True  # a fresh worker took over
+    finally:
+        verifier.close()
+
+
+def test_math_pool_gives_up_loudly_after_bounded_attempts(no_retry_delay: None) -> None:
+    context = FlakyStart(failures=math.inf)
+    verifier = MathVerifier(1, context=context)
+    start = time.perf_counter()
+    with pytest.raises(MathVerifyUnavailable, match=f"failed {ATTEMPTS} times"):
+        verifier.verify("1", "2", timeout_s=1.0)
+    assert context.failed == ATTEMPTS and time.perf_counter() - start < 5
+    verifier.close()
+
+
+def test_math_hostile_answer_off_main_thread_scores_zero_within_timeout() -> None:
+    assert compute_score("verl_anchor/math500", "\\boxed{\\frac{2}{4}}", "0.5") == 1.0  # workers started
+    result: dict[str, Any] = {}
+
+    def hostile() -> None:
+        start = time.perf_counter()
+        result["score"] = compute_score("verl_anchor/math500", "\\boxed{9^{9^{9}}}", "72", timeout_s=1.0)
+        result["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=hostile)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert result["score"] == 0.0 and result["seconds"] < 1.0 + 1.5
+
+
+@pytest.mark.parametrize("timeout_s", [-1.0, 0.0, math.nan, math.inf, "10"])
+def test_math_bad_timeout_rejected_without_starting_a_worker(timeout_s: Any) -> None:
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ValueError, match="timeout_s"):
+        compute_score("verl_anchor/math500", "\\boxed{3}", "4", timeout_s=timeout_s)
+    with pytest.raises(ValueError, match="timeout_s"):
+        compute_score("verl_anchor/math500", "no box", "4", timeout_s=timeout_s)
+    time.sleep(0.2)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= children
+
+
+def test_math_verify_import_failure_is_loud(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Today's main scored every non-identical answer 0 when math-verify could not be imported.
+    monkeypatch.setattr(math_verify_pool, "_verifier", None)
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # makes `import math_verify` raise ImportError
+    with pytest.raises(ImportError, match="needs math-verify"):
+        compute_score("verl_anchor/math500", "\\boxed{3}", "4")
+    assert compute_score("verl_anchor/math500", "\\boxed{4}", "4") == 1.0  # identical: no math-verify needed
 
 
 # ---------------------------------------------------------------------------------------------
