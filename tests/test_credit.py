@@ -198,3 +198,33 @@ def test_batch_weights_slices_each_response():
     assert [w.shape[0] for w in weights] == [5, 0]
     with pytest.raises(ValueError, match="2 sequences but 1 response"):
         batch_weights(stats, [5], cfg)
+
+
+def test_look_back_window_cost_does_not_depend_on_k():
+    import time
+
+    gen = torch.Generator().manual_seed(3)
+    waad, fai = torch.rand(300, generator=gen) * 10, torch.rand(300, generator=gen)
+    start = time.perf_counter()
+    huge = token_weights(waad, fai, AnchorConfig(k=10_000_000))
+    assert time.perf_counter() - start < 5.0  # was ~30 s per 300-token response (an O(n * k) unfold)
+    assert torch.equal(huge, token_weights(waad, fai, AnchorConfig(k=300)))  # k >= n: the whole prefix
+    assert torch.equal(huge, torch.tensor(spec_gamma(waad.tolist(), fai.tolist(), AnchorConfig(k=300))))
+
+
+def test_introductory_token_ties_go_to_the_later_position():
+    waad = torch.tensor([5.0, 5.0, 5.0, 0.0, 5.0, 5.0])
+    delta = torch.tensor([0.0, 2.0, 2.0, 1.0, 0.0, 0.0])  # delta[1] == delta[2]: the max of t=3's window
+    anchors = torch.tensor([False, False, False, True, False, False])
+    dominated, intro = dominated_anchors(waad, delta, anchors, k=3)
+    assert dominated.tolist() == [False, False, False, True, False, False]
+    assert intro.nonzero().flatten().tolist() == [2]
+
+
+def test_batch_weights_random_draws_differ_between_equal_length_responses():
+    stats = [TokenStats(row_span=torch.rand(4, 30), waad=torch.rand(4, 30), fai=torch.rand(4, 30)) for _ in range(4)]
+    weights = batch_weights(stats, [30] * 4, AnchorConfig(strategy="random"))
+    assert len({tuple(w.tolist()) for w in weights}) == 4  # each response its own draw
+    assert all(int((w > 1).sum()) == 12 for w in weights)
+    assert all(torch.equal(a, b) for a, b in zip(weights, batch_weights(stats, [30] * 4,
+                                                                         AnchorConfig(strategy="random"))))

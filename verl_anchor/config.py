@@ -17,6 +17,7 @@ STRATEGIES = ("none", "local_chunk", "global_anchor", "coupled", "random", "entr
 ATTENTION_STRATEGIES = ("local_chunk", "global_anchor", "coupled")
 SIGNS = ("both", "positive", "negative")
 SELECTS = ("top", "bottom")
+MAX_GAMMA_AMP = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ class AnchorConfig:
         if self.fai_h_hi is not None:
             _check_int("fai_h_hi", self.fai_h_hi, minimum=self.fai_h_lo, hint="or None (unbounded, analysis mode)")
         _check_real("ratio", self.ratio, low=0.0, high=1.0, low_open=True)
-        _check_real("gamma_amp", self.gamma_amp, low=0.0, high=math.inf, low_open=True, high_open=True)
+        # Bounded: gamma multiplies float32 advantages, and 1e39 would turn them into inf/NaN.
+        _check_real("gamma_amp", self.gamma_amp, low=0.0, high=MAX_GAMMA_AMP, low_open=True)
         # Above 0.5 the local and the global group would share heads.
         _check_real("head_quantile", self.head_quantile, low=0.0, high=0.5, low_open=True)
         _check_int("num_layers", self.num_layers, minimum=1)
@@ -62,7 +64,7 @@ class AnchorConfig:
         _check_real("alpha", self.alpha, low=0.0, high=1.0)
         _check_choice("sign", self.sign, SIGNS)
         _check_choice("select", self.select, SELECTS)
-        _check_int("seed", self.seed, minimum=0)
+        _check_int("seed", self.seed, minimum=0, maximum=2**64 - 1)
 
     @property
     def needs_attention(self) -> bool:
@@ -110,10 +112,12 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is invalid: allowed values are {', '.join(allowed)}")
 
 
-def _check_int(name: str, value: Any, minimum: int, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_int(name: str, value: Any, minimum: int, hint: str = "", maximum: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         extra = f" {hint}" if hint else ""
-        raise ValueError(f"{name}={value!r} is invalid: use an integer >= {minimum}{extra}")
+        raise ValueError(f"{name}={value!r} is invalid: use an integer {bound}{extra}")
 
 
 def _check_real(

@@ -1,12 +1,14 @@
-"""Token selection and credit weights gamma (spec §4-5). Pure torch, one response at a time.
+"""Token selection and credit weights gamma (spec §4-5). Pure torch.
 
-`token_weights(waad, fai, cfg)` turns a response's group-averaged WAAD and FAI into the
-per-token weights gamma; `shape_advantages` applies them to advantages with the sign rule;
-`batch_weights` goes from captured per-token statistics to one gamma vector per response.
+`token_weights(waad, fai, cfg)` turns one response's group-averaged WAAD and FAI into the
+per-token weights gamma. `batch_gamma` does it for a padded batch of responses and is the one
+path the verl trainer and the tests share; `shape_advantages` applies gamma to advantages with
+the sign rule; `batch_weights` goes from captured per-token statistics through `batch_gamma`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -54,14 +56,19 @@ def dominated_anchors(
     intro(t) is the argmax of delta over that window, ties to the later position.
     """
     n = waad.shape[0]
-    # Row t of `windows` holds delta[t-k .. t-1]; -inf pads positions before the response.
-    padded = torch.cat([torch.full((k,), -math.inf, dtype=delta.dtype, device=delta.device), delta])
-    windows = padded.unfold(0, k, 1)[:n]
-    window_max = windows.max(dim=1).values
+    # A window never reaches before the response, so k beyond n changes nothing: cap it, which
+    # keeps the cost O(n * min(k, n)) time and O(n) memory whatever k is.
+    width = max(1, min(k, n))
+    # Reversed, with -inf where the window reaches before the response: element j of the pooled
+    # output covers delta[t-width .. t-1] for t = n - j, and max_pool1d returns the *first* maximum
+    # of a window, i.e. the last one in position order (the spec's tie rule).
+    padded = torch.cat([torch.full((width,), -math.inf, dtype=delta.dtype, device=delta.device), delta])
+    window_max, where = torch.nn.functional.max_pool1d(
+        padded.flip(0)[None, None], kernel_size=width, stride=1, return_indices=True
+    )
+    window_max, where = window_max[0, 0, 1:].flip(0), where[0, 0, 1:].flip(0)  # index t = 0..n-1
     dominated = anchors & (waad <= waad.median()) & (window_max >= delta.median())
-    # argmax on the reversed window returns the first maximum there, i.e. the last one in position order.
-    last_argmax = windows.flip(1).argmax(dim=1)
-    intro_pos = torch.arange(n, device=waad.device) - 1 - last_argmax
+    intro_pos = n - 1 - where  # flipped-padded index -> position in the response
     intro = torch.zeros_like(dominated)
     intro[intro_pos[dominated]] = True
     return dominated, intro
@@ -131,19 +138,69 @@ def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = 
     return advantages * effective_gamma(advantages, gamma, sign)
 
 
+def response_seed(seed: int, *parts: object) -> int:
+    """A generator seed for one response, hashed from the run's `seed` and what identifies the draw.
+
+    Hashing (not arithmetic) keeps any `seed` in range and makes the draw independent of batch
+    order and rank: the trainer passes (step, local step, response key).
+    """
+    digest = hashlib.blake2b(repr((int(seed), *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch.Generator takes < 2**63 on every platform
+
+
+def batch_gamma(
+    lengths: Sequence[int],
+    cfg: AnchorConfig,
+    waad: torch.Tensor | None = None,
+    fai: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    seeds: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma of a batch of responses, `(B, max(lengths))`, 1 beyond each response; and which are degenerate.
+
+    `waad`, `fai` (attention strategies) and `entropy` (entropy strategy) are `(B, >= max(lengths))`,
+    row i valid for its first `lengths[i]` entries. `random` draws response i from a generator seeded
+    with `seeds[i]` (default `response_seed(cfg.seed, i)`), so no two responses share their draw by
+    construction. `degenerate[i]` marks responses whose statistics are unusable (gamma = 1 there).
+    """
+    width = max(lengths, default=0)
+    gamma = torch.ones(len(lengths), width, dtype=torch.float32)
+    degenerate = torch.zeros(len(lengths), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        n = int(n)
+        row_waad = waad[i, :n].float().cpu() if waad is not None else torch.zeros(n)
+        row_fai = fai[i, :n].float().cpu() if fai is not None else torch.zeros(n)
+        row_entropy = entropy[i, :n].float().cpu() if entropy is not None else None
+        if cfg.needs_attention:
+            degenerate[i] = is_degenerate(row_waad, row_fai)
+        generator = None
+        if cfg.strategy == "random":
+            generator = torch.Generator().manual_seed(seeds[i] if seeds is not None else response_seed(cfg.seed, i))
+        gamma[i, :n] = token_weights(row_waad, row_fai, cfg, entropy=row_entropy, generator=generator)
+    return gamma, degenerate
+
+
 def batch_weights(
     stats: Sequence[TokenStats],
     response_lengths: Sequence[int],
     cfg: AnchorConfig,
     entropies: Sequence[torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """One gamma vector per response from captured statistics (each sequence ends with its response)."""
     if len(stats) != len(response_lengths):
         raise ValueError(f"got statistics of {len(stats)} sequences but {len(response_lengths)} response lengths")
-    weights = []
-    for i, (seq_stats, length) in enumerate(zip(stats, response_lengths)):
-        signals = response_signals(seq_stats, int(length), cfg)
-        entropy = entropies[i] if entropies is not None else None
-        weights.append(token_weights(signals.waad, signals.fai, cfg, entropy=entropy, generator=generator))
-    return weights
+    lengths = [int(n) for n in response_lengths]
+    signals = [response_signals(seq_stats, n, cfg) for seq_stats, n in zip(stats, lengths)]
+    waad = _pad([s.waad for s in signals], lengths)
+    fai = _pad([s.fai for s in signals], lengths)
+    entropy = _pad(list(entropies), lengths) if entropies is not None else None
+    gamma, _ = batch_gamma(lengths, cfg, waad=waad, fai=fai, entropy=entropy, seeds=seeds)
+    return [gamma[i, :n] for i, n in enumerate(lengths)]
+
+
+def _pad(rows: Sequence[torch.Tensor], lengths: Sequence[int]) -> torch.Tensor:
+    out = torch.full((len(rows), max(lengths, default=0)), math.nan)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        out[i, :n] = row[:n].float().cpu()
+    return out
