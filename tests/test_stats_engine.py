@@ -1,0 +1,202 @@
+"""The batched statistics engine (`verl_anchor.stats_engine`) on its torch path, against the per-sequence
+`metrics` functions and the dense reference; and its dispatch."""
+
+import math
+import types
+
+import pytest
+import torch
+
+from verl_anchor import AnchorConfig, stats_engine
+from verl_anchor.metrics import group_heads, reference_stats, response_signals, token_stats
+from verl_anchor.stats_engine import (
+    PackedSequences,
+    group_means,
+    head_groups,
+    packed_response_signals,
+    packed_token_stats,
+    response_head_span,
+    select_backend,
+    stack_layers,
+)
+
+LENGTHS = [1, 37, 0, 150, 2, 120]
+RESPONSES = [1, 20, 0, 150, 0, 64]
+
+
+def packed_inputs(lengths, num_heads=8, num_kv=2, head_dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q = torch.randn(num_heads, total, head_dim, generator=generator)
+    k = torch.randn(num_kv, total, head_dim, generator=generator)
+    return q, k, torch.tensor([0, *lengths]).cumsum(0)
+
+
+def dense_attention(q, k):
+    num_heads, n, head_dim = q.shape
+    keys = k.repeat_interleave(num_heads // k.shape[0], dim=0).double()
+    scores = q.double() @ keys.transpose(1, 2) * head_dim**-0.5
+    return scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf).softmax(dim=-1)
+
+
+def sequences_of(cu):
+    bounds = cu.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("cfg", [AnchorConfig(), AnchorConfig(fai_h_lo=0, fai_h_hi=None)], ids=["bounded", "analysis"])
+def test_packed_stats_equal_per_sequence_token_stats_and_reference(cfg):
+    q, k, cu = packed_inputs(LENGTHS)
+    stats = packed_token_stats(q, k, cu, cfg)
+    assert stats.row_span.shape == stats.waad.shape == stats.fai.shape == (8, sum(LENGTHS))
+    for a, b in sequences_of(cu):
+        if b == a:
+            continue
+        single = token_stats(q[:, a:b], k[:, a:b], cfg)
+        for name in ("row_span", "waad", "fai"):
+            torch.testing.assert_close(getattr(stats, name)[:, a:b], getattr(single, name), atol=0, rtol=0,
+                                       equal_nan=True)
+        ref = reference_stats(dense_attention(q[:, a:b], k[:, a:b]), 0, cfg)
+        torch.testing.assert_close(stats.waad[:, a:b].double(), ref.waad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(stats.fai[:, a:b].double(), ref.fai, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_response_signals_equal_per_sequence_metrics():
+    """Spans, groups and group means of every response at once = `metrics.response_signals` of each."""
+    cfg = AnchorConfig()
+    q, k, cu = packed_inputs(LENGTHS)
+    layers = [packed_token_stats(q * (1 + layer), k, cu, cfg) for layer in range(3)]  # 3 "layers", 24 heads
+    stats = stack_layers(layers)
+    lengths = torch.tensor(RESPONSES)
+    signals = packed_response_signals(stats, lengths, cfg, num_response_tokens=sum(RESPONSES))
+    assert signals.local_heads.shape == signals.global_heads.shape == (len(LENGTHS), math.floor(0.3 * 24))
+    head_span = response_head_span(stats, lengths)
+    for i, ((a, b), n, mine) in enumerate(zip(sequences_of(cu), RESPONSES, signals.to_group_signals())):
+        per_layer = [token_stats(q[:, a:b] * (1 + layer), k[:, a:b], cfg) for layer in range(3)]
+        single = type(per_layer[0])(row_span=torch.cat([s.row_span for s in per_layer]),
+                                    waad=torch.cat([s.waad for s in per_layer]),
+                                    fai=torch.cat([s.fai for s in per_layer]))
+        theirs = response_signals(single, n, cfg)
+        assert mine.waad.shape == theirs.waad.shape == (n,)
+        torch.testing.assert_close(mine.waad, theirs.waad, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mine.fai, theirs.fai, atol=1e-6, rtol=1e-6, equal_nan=True)
+        if n == 0:
+            assert math.isnan(mine.span_loc) and math.isnan(mine.span_glob)
+            continue
+        span = single.response(b - a - n).span
+        torch.testing.assert_close(head_span[:, i], span, atol=1e-7, rtol=1e-6)
+        loc, glob = group_heads(span, cfg)
+        assert torch.equal(signals.local_heads[i], loc) and torch.equal(signals.global_heads[i], glob)
+        assert mine.span_loc == pytest.approx(theirs.span_loc, rel=1e-6)
+        assert mine.span_glob == pytest.approx(theirs.span_glob, rel=1e-6)
+
+
+def test_head_groups_follow_group_heads_ties_and_quantile():
+    """Stable ascending sort per sequence (ties in head order), m = max(1, floor(q * H)) with the epsilon."""
+    spans = torch.tensor([[1.0, 3.0], [2.0, 3.0], [1.0, 3.0], [0.5, 3.0], [4.0, 3.0], [2.0, 3.0], [1.0, 3.0]])
+    for cfg in (AnchorConfig(), AnchorConfig(head_quantile=0.29), AnchorConfig(head_quantile=0.01)):
+        loc, glob = head_groups(spans, cfg)
+        for i in range(spans.shape[1]):
+            ref_loc, ref_glob = group_heads(spans[:, i], cfg)
+            assert torch.equal(loc[i], ref_loc) and torch.equal(glob[i], ref_glob)
+    spans_100 = torch.arange(100.0)[:, None]
+    assert head_groups(spans_100, AnchorConfig(head_quantile=0.29))[0].shape == (1, 29)
+
+
+def test_sequence_alone_and_packed_give_bitwise_equal_signals():
+    cfg = AnchorConfig()
+    q, k, _ = packed_inputs([90], seed=7)
+    alone = packed_token_stats(q, k, torch.tensor([0, 90]), cfg)
+    alone_signals = packed_response_signals(alone, torch.tensor([50]), cfg)
+    for before, after in [(3, 0), (64, 200)]:
+        pq, pk, _ = packed_inputs([before + after], seed=before)
+        big_q = torch.cat([pq[:, :before], q, pq[:, before:]], dim=1)
+        big_k = torch.cat([pk[:, :before], k, pk[:, before:]], dim=1)
+        cu = torch.tensor([0, before, before + 90, before + 90 + after])
+        packed = packed_token_stats(big_q, big_k, cu, cfg)
+        for name in ("row_span", "waad", "fai"):
+            torch.testing.assert_close(getattr(packed, name)[:, before : before + 90], getattr(alone, name),
+                                       atol=0, rtol=0, equal_nan=True)
+        signals = packed_response_signals(packed, torch.tensor([before, 50, after // 2]), cfg)
+        mine = signals.to_group_signals()[1]
+        expected = alone_signals.to_group_signals()[0]
+        torch.testing.assert_close(mine.waad, expected.waad, atol=0, rtol=0)
+        torch.testing.assert_close(mine.fai, expected.fai, atol=0, rtol=0, equal_nan=True)
+        assert (mine.span_loc, mine.span_glob) == (expected.span_loc, expected.span_glob)
+
+
+def test_sequence_parallel_head_slices_sum_to_the_full_signals():
+    """Two ranks with 4 of 8 query heads each (and their key heads): gathered spans, per-rank group means
+    summed over the ranks = the single-rank result."""
+    cfg = AnchorConfig()
+    q, k, cu = packed_inputs(LENGTHS)
+    lengths = torch.tensor(RESPONSES)
+    full = stack_layers([packed_token_stats(q, k, cu, cfg), packed_token_stats(q.flip(1), k.flip(1), cu, cfg)])
+    expected = packed_response_signals(full, lengths, cfg)
+    ranks = [stack_layers([packed_token_stats(q[h : h + 4], k[h // 4 : h // 4 + 1], cu, cfg, head_offset=h,
+                                              num_heads_total=8),
+                           packed_token_stats(q.flip(1)[h : h + 4], k.flip(1)[h // 4 : h // 4 + 1], cu, cfg,
+                                              head_offset=h, num_heads_total=8)])
+             for h in (0, 4)]
+    assert ranks[1].head_ids == (4, 5, 6, 7, 12, 13, 14, 15)
+    gathered = torch.empty(16, len(LENGTHS))
+    for rank in ranks:
+        gathered[list(rank.head_ids)] = response_head_span(rank, lengths)
+    loc, glob = head_groups(gathered, cfg)
+    assert torch.equal(loc, expected.local_heads) and torch.equal(glob, expected.global_heads)
+    parts = [group_means(rank, lengths, loc, glob) for rank in ranks]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], expected.waad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(parts[0][1] + parts[1][1], expected.fai, atol=1e-6, rtol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="pass head_span"):
+        packed_response_signals(ranks[0], lengths, cfg)
+
+
+def test_tiles_start_at_each_sequence_and_pad_with_empty_rows():
+    sequences = PackedSequences(torch.tensor([0, 5, 5, 70, 71]), 71)
+    tiles = sequences.tiles(32)
+    assert tiles.dtype == torch.int32 and tiles.shape == (math.ceil(71 / 32) + 4, 3)
+    assert tiles.tolist() == [[0, 5, 0], [5, 70, 5], [5, 70, 37], [5, 70, 69], [70, 71, 70], [0, 0, 0], [0, 0, 0]]
+
+
+def test_invalid_inputs_raise_clear_errors():
+    cfg = AnchorConfig()
+    q, k, cu = packed_inputs([4, 6])
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        packed_token_stats(q, k[:1].expand(3, -1, -1), cu, cfg)
+    with pytest.raises(ValueError, match="outside 0..7"):
+        packed_token_stats(q, k, cu, cfg, head_offset=1)
+    with pytest.raises(ValueError, match="rise from 0 to T = 10"):
+        packed_token_stats(q, k, torch.tensor([0, 4, 9]), cfg)
+    with pytest.raises(ValueError, match="describe 9 tokens"):
+        packed_token_stats(q, k, PackedSequences(torch.tensor([0, 9]), 9), cfg)
+    stats = packed_token_stats(q, k, cu, cfg)
+    with pytest.raises(ValueError, match="must lie in 0..sequence length"):
+        response_head_span(stats, torch.tensor([5, 0]))
+
+
+def test_dispatch_by_device(monkeypatch):
+    """CUDA tensors of kernel dtypes go to the Triton kernels when triton is installed; the rest to torch."""
+    cuda = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    monkeypatch.setattr(stats_engine, "_triton_installed", lambda: True)
+    assert select_backend(cuda) == "triton"
+    assert select_backend(types.SimpleNamespace(device=cuda.device, dtype=torch.float64)) == "torch"
+    assert select_backend(torch.zeros(1, dtype=torch.bfloat16)) == "torch"
+    monkeypatch.setattr(stats_engine, "_triton_installed", lambda: False)
+    assert select_backend(cuda) == "torch"
+
+
+def test_triton_backend_calls_the_kernels_once_per_layer(monkeypatch):
+    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    calls = []
+
+    def fake_kernels(q, k, tiles, window, lo, hi, scale):
+        calls.append((tiles.shape, window, lo, hi, scale))
+        return tuple(torch.zeros(q.shape[0], q.shape[1]) for _ in range(3))
+
+    monkeypatch.setattr(stats_engine, "select_backend", lambda q: "triton")
+    monkeypatch.setattr(triton_stats, "packed_stats", fake_kernels)
+    monkeypatch.setattr(stats_engine, "token_stats", lambda *a, **kw: pytest.fail("torch path used"))
+    q, k, cu = packed_inputs([4, 6])
+    packed_token_stats(q, k, cu, AnchorConfig(), scale=0.5)
+    assert calls == [((math.ceil(10 / triton_stats.TILE) + 2, 3), 10, 10, 100, 0.5)]
+

@@ -1,0 +1,164 @@
+"""Triton kernels: per-token attention statistics of packed variable-length sequences (spec §2-3).
+
+Two passes per captured layer, each one launch for every sequence and head of a micro-batch:
+
+* `_row_pass`, one program per (query tile, query head): runs over the tile's causal keys with
+  flash-style online rescaling and keeps, per query t, the log-sum-exp and the moments
+  `sum_s p(s) (t - s)` (row span) and `sum_s p(s) min(t - s, W)` (WAAD).
+* `_fai_pass`, one program per (key tile, query head): recomputes `p = exp(q.k * scale - lse)` for
+  the queries of the FAI band `[s + lo, s + hi]` of its keys (to the end of the sequence when the
+  horizon is unbounded) and sums them. One program owns its keys, so there are no atomics and the
+  result is deterministic.
+
+Tiles start at each sequence's first token (see `PackedSequences.tiles`), so a sequence's numbers
+do not depend on what else is packed around it. GQA: query head h reads key head h // (Hq / Hkv)
+in place. Scores accumulate in float32; the running sums across key tiles in float64, which keeps
+the row span of long sequences within ~1e-7 relative at the cost of a few float64 operations per
+row and tile. Distances are exact integers `t - s` within a sequence, never absolute positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 64  # tokens per program: query tile of the row pass, key tile of the FAI pass
+INNER = 64  # tokens per step inside a program (key step of the row pass, query step of the FAI pass)
+_LOG2E = math.log2(math.e)  # scores go to exp2
+
+
+@triton.jit
+def _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, waad, scale_log2e,
+              HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, FAR: tl.constexpr, DIAGONAL: tl.constexpr):
+    """One key tile of the row pass: online rescaling of the running max, mass and moments."""
+    keys = key0 + tl.arange(0, BLOCK_N)
+    k_mask = (dims[:, None] < HEAD_DIM) & (keys[None, :] < seq_end)
+    kt = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kt + dims[:, None], mask=k_mask, other=0.0)
+    scores = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2e  # log2 units
+    dist = (rows[:, None] - keys[None, :]).to(tl.float32)
+    if DIAGONAL:
+        scores = tl.where((dist >= 0) & (keys[None, :] < seq_end), scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new).to(tl.float64)
+    tile_mass = tl.sum(p, 1)
+    mass = mass * alpha + tile_mass.to(tl.float64)
+    span = span * alpha + tl.sum(p * dist, 1).to(tl.float64)
+    if FAR:  # every distance here is >= WINDOW: min(t - s, W) = W
+        waad = waad * alpha + (tile_mass * WINDOW).to(tl.float64)
+    else:
+        waad = waad * alpha + tl.sum(p * tl.minimum(dist, WINDOW), 1).to(tl.float64)
+    return m_new, mass, span, waad
+
+
+@triton.jit
+def _row_pass(Q, K, TILES, ROW_SPAN, WAAD, LSE2, stride_qh, stride_qt, stride_kh, stride_kt, num_tokens,
+              scale_log2e, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    seq_start = tl.load(TILES + 3 * tile)
+    seq_end = tl.load(TILES + 3 * tile + 1)
+    tile_start = tl.load(TILES + 3 * tile + 2)
+    rows = tile_start + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < seq_end
+    q = tl.load(Q + head * stride_qh + rows.to(tl.int64)[:, None] * stride_qt + dims[None, :],
+                mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    k_head = K + (head // GROUP) * stride_kh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    mass = tl.zeros([BLOCK_M], dtype=tl.float64)
+    span = tl.zeros([BLOCK_M], dtype=tl.float64)
+    waad = tl.zeros([BLOCK_M], dtype=tl.float64)
+    # Key tiles ending at least WINDOW before the query tile need no min(); then the rest below the
+    # diagonal; then the diagonal tiles, the only ones with a causal mask.
+    far_end = seq_start + (tl.maximum(tile_start - seq_start - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+    for key0 in range(seq_start, far_end, BLOCK_N):
+        m_i, mass, span, waad = _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, waad,
+                                          scale_log2e, HEAD_DIM, WINDOW, BLOCK_N, DOT_PRECISION, True, False)
+    for key0 in range(far_end, tile_start, BLOCK_N):
+        m_i, mass, span, waad = _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, waad,
+                                          scale_log2e, HEAD_DIM, WINDOW, BLOCK_N, DOT_PRECISION, False, False)
+    for key0 in range(tile_start, tl.minimum(tile_start + BLOCK_M, seq_end), BLOCK_N):
+        m_i, mass, span, waad = _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, waad,
+                                          scale_log2e, HEAD_DIM, WINDOW, BLOCK_N, DOT_PRECISION, False, True)
+    out = head * num_tokens + rows
+    tl.store(ROW_SPAN + out, (span / mass).to(tl.float32), mask=row_ok)
+    tl.store(WAAD + out, (waad / mass).to(tl.float32), mask=row_ok)
+    tl.store(LSE2 + out, m_i + tl.log2(mass.to(tl.float32)), mask=row_ok)
+
+
+@triton.jit
+def _fai_pass(Q, K, TILES, LSE2, FAI, stride_qh, stride_qt, stride_kh, stride_kt, num_tokens, scale_log2e,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, FAI_LO: tl.constexpr, FAI_HI: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """FAI_HI < 0 means an unbounded horizon (to the end of the sequence)."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    seq_end = tl.load(TILES + 3 * tile + 1)
+    tile_start = tl.load(TILES + 3 * tile + 2)
+    keys = tile_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    kt = tl.load(K + (head // GROUP) * stride_kh + keys.to(tl.int64)[None, :] * stride_kt + dims[:, None],
+                 mask=(dims[:, None] < HEAD_DIM) & (keys[None, :] < seq_end), other=0.0)
+    q_head = Q + head * stride_qh
+    lse_head = LSE2 + head * num_tokens
+    if FAI_HI >= 0:
+        query_stop = tl.minimum(seq_end, tile_start + BLOCK_N + FAI_HI)
+    else:
+        query_stop = seq_end
+    total = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for query0 in range(tile_start + FAI_LO, query_stop, BLOCK_M):
+        rows = query0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < query_stop
+        q = tl.load(q_head + rows.to(tl.int64)[:, None] * stride_qt + dims[None, :],
+                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+        lse2 = tl.load(lse_head + rows, mask=row_ok, other=0.0)
+        scores = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2e
+        dist = rows[:, None] - keys[None, :]
+        in_band = row_ok[:, None] & (dist >= FAI_LO)
+        if FAI_HI >= 0:
+            in_band = in_band & (dist <= FAI_HI)
+        p = tl.where(in_band, tl.exp2(scores - lse2[:, None]), 0.0)
+        total += tl.sum(p, 0).to(tl.float64)
+    last = seq_end - 1
+    if FAI_HI >= 0:
+        last = tl.minimum(last, keys + FAI_HI)
+    count = last - (keys + FAI_LO) + 1  # |T(s)|
+    fai = tl.where(count > 0, total / tl.maximum(count, 1).to(tl.float64), float("nan"))
+    tl.store(FAI + head * num_tokens + keys, fai.to(tl.float32), mask=keys < seq_end)
+
+
+def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: int, fai_h_lo: int,
+                 fai_h_hi: int | None, scale: float, tile: int = TILE,
+                 inner: int = INNER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(row_span, waad, fai)`, each `(Hq, T)` float32, of packed `q (Hq, T, D)`, `k (Hkv, T, D)`.
+
+    `tiles (P, 3)` int32: per program `(sequence start, sequence end, tile start)` for tiles of
+    `tile` tokens (`PackedSequences.tiles(tile)`); `tile` must be a multiple of `inner`. Two launches.
+    """
+    num_heads, num_tokens, head_dim = q.shape
+    if tile % inner:
+        raise ValueError(f"tile={tile} must be a multiple of inner={inner}")
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    row_span, waad, fai, lse2 = (torch.empty(num_heads, num_tokens, dtype=torch.float32, device=q.device)
+                                 for _ in range(4))
+    common = dict(GROUP=num_heads // k.shape[0], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_tokens, scale * _LOG2E)
+    grid = (tiles.shape[0], num_heads)
+    _row_pass[grid](q, k, tiles, row_span, waad, lse2, *strides, WINDOW=window, BLOCK_M=tile, BLOCK_N=inner, **common)
+    _fai_pass[grid](q, k, tiles, lse2, fai, *strides, FAI_LO=fai_h_lo, FAI_HI=-1 if fai_h_hi is None else fai_h_hi,
+                    BLOCK_M=inner, BLOCK_N=tile, **common)
+    return row_span, waad, fai
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+KERNELS = (_row_pass, _fai_pass)  # every launch of this module goes through one of these (launch counting)

@@ -1,0 +1,340 @@
+"""Attention statistics of a whole packed micro-batch: one call per captured layer, no per-sequence host work.
+
+A micro-batch is packed along the token axis: `q (Hq, T, D)`, `k (Hkv, T, D)` and `cu_seqlens (S+1,)`
+(sequence i is tokens `cu_seqlens[i]:cu_seqlens[i+1]`, `cu_seqlens[0] = 0`, `cu_seqlens[-1] = T`).
+
+* `packed_token_stats` gives every sequence's per-token statistics (`metrics.TokenStats` with
+  `first = 0`, side by side along the token axis). This module is the one place that dispatches by
+  device (`select_backend`): CUDA tensors go to the Triton kernels of `kernels.triton_stats` (two
+  launches per call, whatever the number or length of the sequences); everything else to
+  `metrics.token_stats`, looped over the sequences on the host. `metrics.reference_stats` is the
+  oracle for both.
+* `response_head_span`, `head_groups` and `group_means` (composed by `packed_response_signals`)
+  take these to the worker's outputs for responses that end their sequences: per-sequence head
+  spans, head groups (spec §2) and the group-mean WAAD and FAI of every response token, packed
+  with offsets. Pure torch, without host syncs except one for the number of response tokens
+  when the caller does not pass it.
+
+Every per-sequence number depends only on that sequence, computed in the same order wherever it
+sits in the micro-batch: a sequence alone and packed among others gives bitwise equal statistics.
+
+Sequence parallelism: a rank holding query heads `head_offset .. head_offset + Hq - 1` of
+`num_heads_total` (and the key heads they read) passes them with `head_offset`; the statistics
+remember each row's global head index (`head_ids`). Head groups need the spans of all heads:
+all-gather `response_head_span` rows into global order, call `head_groups`, then `group_means` on
+each rank gives that rank's share of the group means; their sum over the ranks is the mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+from collections.abc import Sequence
+
+import torch
+
+from verl_anchor.config import AnchorConfig
+from verl_anchor.metrics import GroupSignals, TokenStats, token_stats
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SPAN_FIXED_POINT = 2.0**24  # resolution of the exact (integer) span sums: ~6e-8 tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSequences:
+    """Sequence boundaries of a packed micro-batch; build once per forward and pass to every layer's call."""
+
+    cu_seqlens: torch.Tensor  # (S+1,) int64 on the tokens' device
+    num_tokens: int  # T
+    _tiles: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cu_seqlens.dim() != 1 or self.cu_seqlens.numel() < 1 or self.cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor (S+1,), got {self.cu_seqlens.dtype} "
+                             f"of shape {tuple(self.cu_seqlens.shape)}")
+        object.__setattr__(self, "cu_seqlens", self.cu_seqlens.long())
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def tiles(self, tile: int) -> torch.Tensor:
+        """`(P, 3)` int32 `(sequence start, sequence end, tile start)` of every `tile`-token tile.
+
+        Tiles start at each sequence's first token. `P = ceil(T / tile) + S` bounds their number without
+        reading `cu_seqlens` on the host; the spare rows are empty `(0, 0, 0)`.
+        """
+        if tile not in self._tiles:
+            cu = self.cu_seqlens
+            per_sequence = (cu.diff() + tile - 1) // tile
+            first_tile = torch.nn.functional.pad(per_sequence.cumsum(0), (1, 0))
+            index = torch.arange(-(-self.num_tokens // tile) + self.num_sequences, device=cu.device)
+            sequence = torch.searchsorted(first_tile, index, right=True) - 1  # S past the last tile
+            real = sequence < self.num_sequences
+            sequence = sequence.clamp(max=max(self.num_sequences - 1, 0))
+            start = cu[sequence]
+            table = torch.stack([start, cu[sequence + 1], start + (index - first_tile[sequence]) * tile], dim=1)
+            self._tiles[tile] = (table * real[:, None]).to(torch.int32)
+        return self._tiles[tile]
+
+
+@dataclasses.dataclass
+class PackedTokenStats:
+    """`row_span`, `waad`, `fai`, each `(H, T)`: per head, what `metrics.token_stats` gives each sequence.
+
+    Rows are `num_layers` blocks (layer order) of the same query heads `head_offset ..` of each layer's
+    `num_heads_total`; `head_ids` are their global (layer, head) indices.
+    """
+
+    row_span: torch.Tensor
+    waad: torch.Tensor
+    fai: torch.Tensor
+    sequences: PackedSequences
+    head_offset: int
+    num_heads_total: int  # query heads of one layer, over all ranks
+    num_layers: int = 1
+
+    @property
+    def heads_per_layer(self) -> int:
+        return self.row_span.shape[0] // self.num_layers
+
+    @property
+    def head_ids(self) -> tuple[int, ...]:
+        return tuple(layer * self.num_heads_total + self.head_offset + h
+                     for layer in range(self.num_layers) for h in range(self.heads_per_layer))
+
+    def rows_of(self, heads: torch.Tensor) -> torch.Tensor:
+        """The row of each global head index in `heads` (same shape), -1 where these statistics do not hold it."""
+        layer, head = heads // self.num_heads_total, heads % self.num_heads_total - self.head_offset
+        held = (head >= 0) & (head < self.heads_per_layer)
+        return torch.where(held, layer * self.heads_per_layer + head, -1)
+
+    def to_token_stats(self) -> list[TokenStats]:
+        """One `TokenStats` per sequence (views). Reads the boundaries on the host: for CPU-side consumers."""
+        bounds = self.sequences.cu_seqlens.tolist()
+        return [TokenStats(row_span=self.row_span[:, a:b], waad=self.waad[:, a:b], fai=self.fai[:, a:b])
+                for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclasses.dataclass
+class PackedResponseSignals:
+    """Group signals of every response of a micro-batch (each response ends its sequence).
+
+    `waad`, `fai` `(R,)`: response i is `[cu_response[i]:cu_response[i+1]]` (`metrics.GroupSignals` of
+    each response, packed); `span_loc`, `span_glob` `(S,)` (NaN for an empty response);
+    `local_heads`, `global_heads` `(S, m)` global head indices of each sequence's groups.
+    """
+
+    waad: torch.Tensor
+    fai: torch.Tensor
+    cu_response: torch.Tensor
+    span_loc: torch.Tensor
+    span_glob: torch.Tensor
+    local_heads: torch.Tensor
+    global_heads: torch.Tensor
+
+    def to_group_signals(self) -> list[GroupSignals]:
+        """One `metrics.GroupSignals` per response. Reads offsets and spans on the host."""
+        bounds = self.cu_response.tolist()
+        spans = zip(self.span_loc.tolist(), self.span_glob.tolist())
+        return [GroupSignals(waad=self.waad[a:b], fai=self.fai[a:b], span_loc=loc, span_glob=glob)
+                for a, b, (loc, glob) in zip(bounds[:-1], bounds[1:], spans)]
+
+
+def select_backend(q: torch.Tensor) -> str:
+    """The one dispatch by device: "triton" for CUDA tensors of 16/32-bit floats where triton is
+    installed, "torch" (`metrics.token_stats` per sequence) everywhere else."""
+    if q.device.type == "cuda" and q.dtype in KERNEL_DTYPES and _triton_installed():
+        return "triton"
+    return "torch"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def packed_token_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor | PackedSequences,
+    cfg: AnchorConfig,
+    scale: float | None = None,
+    head_offset: int = 0,
+    num_heads_total: int | None = None,
+) -> PackedTokenStats:
+    """Per-token statistics of every sequence of a packed micro-batch, from post-RoPE `q (Hq, T, D)`, `k (Hkv, T, D)`.
+
+    `cu_seqlens`: `(S+1,)` integer tensor on `q`'s device, or a `PackedSequences` built once per forward
+    and shared by the layers. `q` holds query heads `head_offset ..` of `num_heads_total` (default: all
+    of them, `Hq`); query head h reads key head h // (Hq / Hkv). Float32 results (float64 inputs stay
+    float64 on the torch path); `fai` is divided by |T(s)| within each sequence, NaN where T(s) is empty.
+    """
+    sequences = cu_seqlens if isinstance(cu_seqlens, PackedSequences) else PackedSequences(cu_seqlens, q.shape[1])
+    _check_inputs(q, k, sequences)
+    num_heads, _, head_dim = q.shape
+    total = num_heads if num_heads_total is None else num_heads_total
+    if head_offset < 0 or head_offset + num_heads > total:
+        raise ValueError(f"heads {head_offset}..{head_offset + num_heads - 1} are outside 0..{total - 1} "
+                         f"(head_offset={head_offset}, num_heads_total={num_heads_total})")
+    scale = head_dim**-0.5 if scale is None else scale
+    if select_backend(q) == "triton":
+        from verl_anchor.kernels import triton_stats
+
+        row_span, waad, fai = triton_stats.packed_stats(q, k, sequences.tiles(triton_stats.TILE), cfg.window,
+                                                        cfg.fai_h_lo, cfg.fai_h_hi, scale)
+    else:
+        row_span, waad, fai = _per_sequence_stats(q, k, sequences, cfg, scale)
+    return PackedTokenStats(row_span=row_span, waad=waad, fai=fai, sequences=sequences, head_offset=head_offset,
+                            num_heads_total=total)
+
+
+def stack_layers(per_layer: Sequence[PackedTokenStats]) -> PackedTokenStats:
+    """The heads of several layers' statistics of the same micro-batch, in (layer, head) order."""
+    if not per_layer:
+        raise ValueError("stack_layers needs the statistics of at least one layer")
+    first = per_layer[0]
+    layout = (first.sequences.num_tokens, first.sequences.num_sequences, first.head_offset, first.num_heads_total,
+              first.row_span.shape[0], 1)
+    if any((s.sequences.num_tokens, s.sequences.num_sequences, s.head_offset, s.num_heads_total,
+            s.row_span.shape[0], s.num_layers) != layout for s in per_layer):
+        raise ValueError("stack_layers needs one layer's statistics each, of the same micro-batch and heads")
+    return PackedTokenStats(
+        row_span=torch.cat([s.row_span for s in per_layer]),
+        waad=torch.cat([s.waad for s in per_layer]),
+        fai=torch.cat([s.fai for s in per_layer]),
+        sequences=first.sequences,
+        head_offset=first.head_offset,
+        num_heads_total=first.num_heads_total,
+        num_layers=len(per_layer),
+    )
+
+
+def response_head_span(stats: PackedTokenStats, response_lengths: torch.Tensor) -> torch.Tensor:
+    """Head span (Eq. 7) of each sequence's response, its last `response_lengths[i]` tokens: `(H, S)` float32.
+
+    NaN for an empty response or a non-finite row. The sums are exact: row spans are rounded to
+    multiples of 2^-24 and summed as integers (valid while T * N < 5e11), so no sequence's span
+    depends on what is packed before it.
+    """
+    lengths = _response_lengths(stats, response_lengths)
+    finite = torch.isfinite(stats.row_span)
+    fixed = torch.round(torch.where(finite, stats.row_span, 0).double() * _SPAN_FIXED_POINT).long()
+    ends = stats.sequences.cu_seqlens[1:]
+    starts = ends - lengths
+
+    def segment_sums(values: torch.Tensor) -> torch.Tensor:
+        prefix = torch.nn.functional.pad(values.cumsum(1), (1, 0))
+        return prefix[:, ends] - prefix[:, starts]
+
+    span = segment_sums(fixed).double() / _SPAN_FIXED_POINT / lengths.clamp(min=1)
+    undefined = (lengths == 0) | (segment_sums((~finite).long()) > 0)
+    return torch.where(undefined, math.nan, span).float()
+
+
+def head_groups(head_span: torch.Tensor, cfg: AnchorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local and global head groups of every sequence (spec §2, `metrics.group_heads` per column).
+
+    `head_span (H, S)` with rows in global (layer, head) order; returns `(S, m)` long tensors of head
+    indices, `m = max(1, floor(head_quantile * H))`, ties in head order.
+    """
+    if head_span.dim() != 2 or head_span.shape[0] == 0:
+        raise ValueError(f"head_span must be (H, S) with H >= 1, got shape {tuple(head_span.shape)}")
+    num_heads = head_span.shape[0]
+    m = max(1, math.floor(cfg.head_quantile * num_heads + 1e-9))  # the epsilon of metrics.group_heads
+    order = torch.sort(head_span.T, dim=1, stable=True).indices
+    return order[:, :m], order[:, num_heads - m :]
+
+
+def group_means(
+    stats: PackedTokenStats,
+    response_lengths: torch.Tensor,
+    local_heads: torch.Tensor,
+    global_heads: torch.Tensor,
+    num_response_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(waad, fai, cu_response)`: WAAD averaged over each sequence's local heads and FAI over its global
+    heads, for every response token, packed (`(R,)`, response i at `cu_response[i]:cu_response[i+1]`).
+
+    Heads of the groups that `stats` does not hold count as 0 (sequence parallelism: sum the ranks'
+    results). `num_response_tokens` (R) saves the one host sync that otherwise reads it.
+    """
+    lengths = _response_lengths(stats, response_lengths)
+    cu_response = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    if num_response_tokens is None:
+        num_response_tokens = int(cu_response[-1])
+    token = torch.arange(num_response_tokens, device=lengths.device)
+    sequence = torch.searchsorted(cu_response, token, right=True) - 1
+    position = stats.sequences.cu_seqlens[1:][sequence] - lengths[sequence] + (token - cu_response[sequence])
+
+    def mean_over(heads: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        rows = stats.rows_of(heads)[sequence]  # (R, m), -1 where this rank does not hold the head
+        picked = values[rows.clamp(min=0), position[:, None]]
+        return torch.where(rows >= 0, picked, 0).sum(dim=1) / heads.shape[1]
+
+    return mean_over(local_heads, stats.waad), mean_over(global_heads, stats.fai), cu_response
+
+
+def packed_response_signals(
+    stats: PackedTokenStats,
+    response_lengths: torch.Tensor,
+    cfg: AnchorConfig,
+    num_response_tokens: int | None = None,
+    head_span: torch.Tensor | None = None,
+) -> PackedResponseSignals:
+    """`metrics.response_signals` of every sequence at once: spans, groups and group means.
+
+    `head_span (num_heads_total, S)`: the spans of all heads, where `stats` holds only some of them
+    (sequence parallelism); by default `response_head_span(stats, ...)`.
+    """
+    if head_span is None:
+        if stats.heads_per_layer != stats.num_heads_total:
+            raise ValueError(f"stats hold {stats.heads_per_layer} of {stats.num_heads_total} heads: pass head_span "
+                             "of all heads (gathered over the sequence-parallel ranks)")
+        head_span = response_head_span(stats, response_lengths)
+    local_heads, global_heads = head_groups(head_span, cfg)
+    waad, fai, cu_response = group_means(stats, response_lengths, local_heads, global_heads, num_response_tokens)
+    spans = head_span.T
+    return PackedResponseSignals(
+        waad=waad, fai=fai, cu_response=cu_response,
+        span_loc=spans.gather(1, local_heads).mean(dim=1), span_glob=spans.gather(1, global_heads).mean(dim=1),
+        local_heads=local_heads, global_heads=global_heads,
+    )
+
+
+def _per_sequence_stats(q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences, cfg: AnchorConfig,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch path: `metrics.token_stats` of each sequence, written into packed outputs."""
+    bounds = sequences.cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != sequences.num_tokens or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {sequences.num_tokens}, got {bounds}")
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty(3, q.shape[0], q.shape[1], dtype=dtype, device=q.device)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            stats = token_stats(q[:, a:b], k[:, a:b], cfg, scale=scale)
+            out[0, :, a:b], out[1, :, a:b], out[2, :, a:b] = stats.row_span, stats.waad, stats.fai
+    return out[0], out[1], out[2]
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences) -> None:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"q must be (Hq, T, D) and k (Hkv, T, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if k.shape[0] == 0 or q.shape[0] % k.shape[0]:
+        raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of key heads ({k.shape[0]})")
+    if sequences.num_tokens != q.shape[1] or sequences.cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens describe {sequences.num_tokens} tokens on {sequences.cu_seqlens.device}, "
+                         f"q has {q.shape[1]} on {q.device}")
+
+
+def _response_lengths(stats: PackedTokenStats, response_lengths: torch.Tensor) -> torch.Tensor:
+    if response_lengths.shape != (stats.sequences.num_sequences,):
+        raise ValueError(f"response_lengths must be ({stats.sequences.num_sequences},), one per sequence, "
+                         f"got shape {tuple(response_lengths.shape)}")
+    lengths = response_lengths.to(stats.sequences.cu_seqlens.device, torch.long)
+    if lengths.device.type == "cpu" and bool(((lengths < 0) | (lengths > stats.sequences.cu_seqlens.diff())).any()):
+        raise ValueError(f"response lengths {lengths.tolist()} must lie in 0..sequence length "
+                         f"{stats.sequences.cu_seqlens.diff().tolist()}")
+    return lengths
