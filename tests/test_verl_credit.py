@@ -8,8 +8,8 @@ import torch
 from tensordict import TensorDict
 
 from verl_anchor import AnchorConfig
-from verl_anchor.credit import shape_advantages, token_weights
-from verl_anchor.integration.estimator import anchor_trainer_active, compute_anchor_base_advantage
+from verl_anchor.credit import response_seed, shape_advantages, token_weights
+from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
 from verl_anchor.integration.settings import AnchorSettings
 from verl_anchor.integration.trainer import scale_advantages
 
@@ -20,7 +20,7 @@ def nested(rows):
     return torch.nested.as_nested_tensor([torch.as_tensor(r, dtype=torch.float32) for r in rows], layout=torch.jagged)
 
 
-def make_batch(seed=0, broken=None):
+def make_batch(seed=0, broken=None, order=None):
     gen = torch.Generator().manual_seed(seed)
     advantages = [torch.full((n,), float(v)) for n, v in zip(LENGTHS, [1.0, -0.5, 0.0, -1.2])]
     waad = [torch.rand(n, generator=gen) * 10 for n in LENGTHS]
@@ -31,11 +31,17 @@ def make_batch(seed=0, broken=None):
         waad[broken][0] = math.nan
     entropy = [torch.rand(n, generator=gen) for n in LENGTHS]
     seq = [torch.tensor([2.0, 30.0, 0.01]) for _ in LENGTHS]
+    if order is not None:  # the same responses in another row order
+        advantages, waad, fai, entropy = ([rows[i] for i in order] for rows in (advantages, waad, fai, entropy))
+    lengths = [LENGTHS[i] for i in (order or range(len(LENGTHS)))]
     data = TensorDict({
-        "advantages": nested(advantages), "response_mask": nested([torch.ones(n) for n in LENGTHS]),
+        "advantages": nested(advantages), "response_mask": nested([torch.ones(n) for n in lengths]),
         "entropy": nested(entropy), "anchor_waad": nested(waad), "anchor_fai": nested(fai), "anchor_seq": nested(seq),
     }, batch_size=[len(LENGTHS)])
     return data, advantages, waad, fai, entropy
+
+
+SEEDS = [response_seed(0, 3, 0, f"uid{i}_0_0") for i in range(len(LENGTHS))]
 
 
 @pytest.mark.parametrize("strategy", ["local_chunk", "global_anchor", "coupled", "entropy"])
@@ -43,7 +49,7 @@ def make_batch(seed=0, broken=None):
 def test_scaled_advantages_equal_per_response_weights(strategy, sign):
     data, advantages, waad, fai, entropy = make_batch()
     cfg = AnchorConfig(strategy=strategy, sign=sign)
-    shaped, metrics = scale_advantages(data, AnchorSettings(cfg, f"anchor_{strategy}", "grpo"), step=3)
+    shaped, _, metrics = scale_advantages(data, AnchorSettings(cfg, f"anchor_{strategy}", "grpo"), SEEDS)
     assert shaped.shape == (len(LENGTHS), max(LENGTHS))
     selected = 0
     for i, n in enumerate(LENGTHS):
@@ -68,7 +74,7 @@ def test_scaled_advantages_equal_per_response_weights(strategy, sign):
 def test_amplification_is_real_and_bounded():
     data, advantages, *_ = make_batch()
     cfg = AnchorConfig(strategy="coupled")
-    shaped, metrics = scale_advantages(data, AnchorSettings(cfg, "anchor_coupled", "grpo"), step=0)
+    shaped, _, metrics = scale_advantages(data, AnchorSettings(cfg, "anchor_coupled", "grpo"), SEEDS)
     ratio = shaped[0, : LENGTHS[0]] / advantages[0]
     assert set(ratio.tolist()) <= {1.0, 1.25, 1.5} and ratio.max() == 1.5
     assert 1.0 < metrics["anchor/gamma_mean"] <= 1.5
@@ -76,62 +82,64 @@ def test_amplification_is_real_and_bounded():
 
 def test_degenerate_response_keeps_unit_weights_and_is_counted():
     data, advantages, *_ = make_batch(broken=0)
-    shaped, metrics = scale_advantages(data, AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo"), step=0)
+    shaped, _, metrics = scale_advantages(data, AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo"), SEEDS)
     torch.testing.assert_close(shaped[0, : LENGTHS[0]], advantages[0])
     assert metrics["anchor/degenerate_frac"] == pytest.approx(1 / len(LENGTHS))
 
 
-def test_random_baseline_differs_from_coupled_and_is_reproducible_per_step():
+def test_padding_rows_keep_unit_weights_and_stay_out_of_the_metrics():
+    data, advantages, *_ = make_batch()
+    settings = AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo")
+    _, _, full = scale_advantages(data, settings, SEEDS)
+    real = [True, True, True, False]  # verl's _balance_batch appended the last row
+    shaped, gamma, metrics = scale_advantages(data, settings, SEEDS, real=real)
+    torch.testing.assert_close(shaped[3, : LENGTHS[3]], advantages[3])
+    assert (gamma[3] == 1).all()
+    kept = sum(LENGTHS[:3])
+    selected = int((gamma[:3] != 1).sum())
+    assert metrics["anchor/selected_frac"] == pytest.approx(selected / kept)
+    assert metrics["anchor/selected_frac"] != full["anchor/selected_frac"]
+
+
+def test_random_baseline_differs_from_coupled_and_is_reproducible_per_response():
     data, *_ = make_batch()
-    coupled, _ = scale_advantages(data, AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo"), step=1)
+    coupled, *_ = scale_advantages(data, AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo"), SEEDS)
     random_cfg = AnchorSettings(AnchorConfig(strategy="random"), "anchor_random", "grpo")
-    first, metrics = scale_advantages(data, random_cfg, step=1)
-    again, _ = scale_advantages(data, random_cfg, step=1)
-    other_step, _ = scale_advantages(data, random_cfg, step=2)
+    first, _, metrics = scale_advantages(data, random_cfg, SEEDS)
+    again, *_ = scale_advantages(data, random_cfg, SEEDS)
+    other_step, *_ = scale_advantages(data, random_cfg, [response_seed(0, 4, 0, f"uid{i}_0_0") for i in range(4)])
     assert not torch.equal(first, coupled)
     assert torch.equal(first, again) and not torch.equal(first, other_step)
     assert "anchor/fai_mean" not in metrics  # random needs no attention statistics
 
 
-GRPO_REWARDS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+def test_random_draw_follows_the_response_not_its_row():
+    data, *_ = make_batch()
+    random_cfg = AnchorSettings(AnchorConfig(strategy="random"), "anchor_random", "grpo")
+    _, gamma, _ = scale_advantages(data, random_cfg, SEEDS)
+    order = [2, 0, 3, 1]  # the same responses, reordered (another rank layout, dynamic batching)
+    reordered, *_ = make_batch(order=order)
+    _, gamma_reordered, _ = scale_advantages(reordered, random_cfg, [SEEDS[i] for i in order])
+    for row, i in enumerate(order):
+        assert torch.equal(gamma_reordered[row, : LENGTHS[i]], gamma[i, : LENGTHS[i]])
 
 
-def test_estimator_refuses_to_run_outside_the_anchor_trainer():
-    with pytest.raises(RuntimeError, match="set trainer.v1.trainer_mode=anchor_sync"):
-        compute_anchor_base_advantage(GRPO_REWARDS, torch.ones(4, 3), index=np.array(["a", "a", "b", "b"]),
-                                      config={"anchor": {}})
+def test_huge_seeds_do_not_overflow_the_generator():
+    data, *_ = make_batch()
+    cfg = AnchorConfig(strategy="random", seed=2**64 - 1)
+    seeds = [response_seed(cfg.seed, 10**9, 7, f"k{i}") for i in range(len(LENGTHS))]
+    assert all(0 <= s < 2**63 for s in seeds)
+    _, gamma, _ = scale_advantages(data, AnchorSettings(cfg, "anchor_random", "grpo"), seeds)
+    assert (gamma > 1).any()
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_base_advantage_is_verls_grpo_through_compute_advantage(norm):
-    from omegaconf import OmegaConf
-    from verl import DataProto
-    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
-    from verl.trainer.ppo.ray_trainer import compute_advantage
+def test_anchor_estimators_refuse_to_run_outside_the_anchor_trainer():
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
     from verl_anchor.integration.estimator import register_estimators
 
     register_estimators()
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    index = np.array(["a", "a", "b", "b"], dtype=object)
-    data = DataProto.from_dict(tensors={"token_level_rewards": GRPO_REWARDS, "response_mask": mask},
-                               non_tensors={"uid": index})
-    config = OmegaConf.create({"norm_adv_by_std_in_grpo": norm, "anchor": {"base_estimator": "grpo"}})
-    with anchor_trainer_active():
-        out = compute_advantage(data, adv_estimator="anchor_coupled", config=config)
-    expected, _ = compute_grpo_outcome_advantage(GRPO_REWARDS, mask, index, norm_adv_by_std_in_grpo=norm)
-    torch.testing.assert_close(out.batch["advantages"], expected)
-
-
-def test_other_base_estimators_come_from_verls_registry():
-    from omegaconf import OmegaConf
-    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
-
-    mask = torch.ones(4, 3)
-    index = np.array(["a", "a", "b", "b"], dtype=object)
-    config = OmegaConf.create({"anchor": {"base_estimator": "rloo"}})
-    with anchor_trainer_active():
-        advantages, _ = compute_anchor_base_advantage(GRPO_REWARDS, mask, index=index, config=config)
-    expected, _ = get_adv_estimator_fn("rloo")(token_level_rewards=GRPO_REWARDS, response_mask=mask, index=index,
-                                               config=config)
-    torch.testing.assert_close(advantages, expected)
+    assert get_adv_estimator_fn("anchor_coupled") is refuse_outside_anchor_trainer
+    with pytest.raises(RuntimeError, match="bypassed it"):
+        get_adv_estimator_fn("anchor_coupled")(token_level_rewards=torch.zeros(2, 3), response_mask=torch.ones(2, 3),
+                                               index=np.array(["a", "a"]), config={})

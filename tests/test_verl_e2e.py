@@ -60,7 +60,8 @@ def test_coupled_amplifies_tokens_inside_verl_and_random_differs(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["+algorithm.anchor.strategy=unknown"], "algorithm.anchor.strategy='unknown' is not an option"),
     (["+algorithm.anchor.ratio=2.0"], "algorithm.anchor.ratio=2.0 is invalid: use a finite number in (0, 1]"),
-    (["trainer.v1.trainer_mode=sync"], "needs trainer.v1.trainer_mode=anchor_sync (got 'sync')"),
+    (["algorithm.adv_estimator=anchor_copuled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
+    (["+algorithm.anchor.base_estimator=gae", "critic.enable=false"], "set critic.enable=true"),
 ])
 def test_bad_configs_fail_in_the_driver_before_any_rollout(tmp_path, extra, message):
     overrides = demo_overrides(tmp_path, steps=1, estimator="anchor_coupled") + extra

@@ -5,9 +5,9 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from verl_anchor import AnchorConfig
-from verl_anchor.integration.settings import read_settings
+from verl_anchor.integration.settings import prepare_config, read_settings
 
-BASE = ["trainer.v1.trainer_mode=anchor_sync", "algorithm.adv_estimator=anchor_coupled"]
+BASE = ["algorithm.adv_estimator=anchor_coupled"]
 
 
 def compose_verl(overrides):
@@ -24,7 +24,7 @@ def test_defaults_resolve_to_the_spec_defaults():
 
 def test_options_and_strategy_come_through():
     settings = read_settings(compose_verl([
-        "trainer.v1.trainer_mode=anchor_sync", "algorithm.adv_estimator=anchor_global_anchor",
+        "algorithm.adv_estimator=anchor_global_anchor",
         "+algorithm.anchor.ratio=0.2", "+algorithm.anchor.sign=positive", "+algorithm.anchor.layers=[3,5]",
         "+algorithm.anchor.base_estimator=rloo",
     ]))
@@ -34,16 +34,46 @@ def test_options_and_strategy_come_through():
 
 def test_plain_estimators_are_left_alone():
     assert read_settings(compose_verl(["algorithm.adv_estimator=grpo"])) is None
-    assert read_settings(compose_verl(["algorithm.adv_estimator=grpo", "trainer.v1.trainer_mode=anchor_sync"])) is None
+    assert read_settings(compose_verl(["algorithm.adv_estimator=gae"])) is None
+
+
+@pytest.mark.parametrize("mode", ["sync", "colocate_async", "separate_async"])
+def test_the_estimator_alone_is_the_switch_in_every_trainer_mode(mode):
+    settings = read_settings(compose_verl(BASE + [f"trainer.v1.trainer_mode={mode}"]))
+    assert settings.cfg.strategy == "coupled"
+
+
+def test_legacy_anchor_sync_mode_is_an_alias_of_sync():
+    config = compose_verl(BASE + ["trainer.v1.trainer_mode=anchor_sync"])
+    assert prepare_config(config).estimator == "anchor_coupled"
+    assert config.trainer.v1.trainer_mode == "sync"
+
+
+def test_gae_base_turns_the_critic_on_unless_the_user_turned_it_off():
+    from verl.trainer.ppo.utils import need_critic
+
+    config = compose_verl(BASE + ["+algorithm.anchor.base_estimator=gae"])
+    assert not need_critic(config)
+    assert prepare_config(config).base_estimator == "gae"
+    assert config.critic.enable is True and need_critic(config)
+    config = compose_verl(BASE + ["+algorithm.anchor.base_estimator=grpo"])
+    prepare_config(config)
+    assert config.critic.enable is None  # no critic for GRPO
+    with pytest.raises(ValueError, match="critic.enable=false: set critic.enable=true"):
+        prepare_config(compose_verl(BASE + ["+algorithm.anchor.base_estimator=gae", "critic.enable=false"]))
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["algorithm.adv_estimator=anchor_coupled"],
-     "algorithm.adv_estimator=anchor_coupled needs trainer.v1.trainer_mode=anchor_sync (got 'sync')"),
+    (["algorithm.adv_estimator=anchor_copuled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
+    (["algorithm.adv_estimator=anchor_randon"], "did you mean algorithm.adv_estimator=anchor_random?"),
+    (BASE + ["+algorithm.anchor.enable=false"], "algorithm.anchor.enable=False contradicts"),
+    (BASE + ["+algorithm.anchor.gamma_amp=1e39"], "algorithm.anchor.gamma_amp=1e+39 is invalid"),
+    (BASE + ["+algorithm.anchor.seed=18446744073709551616"], "algorithm.anchor.seed=18446744073709551616 is invalid"),
+    (BASE + ["+algorithm.anchor.base_estimator=remax"], "never computes the greedy reward_baselines"),
+    (BASE + ["+algorithm.anchor.base_estimator=gdpo"], "base_estimator=gdpo is not supported"),
     (BASE + ["+algorithm.anchor.ratio=2.0"], "algorithm.anchor.ratio=2.0 is invalid: use a finite number in (0, 1]"),
     (BASE + ["+algorithm.anchor.strategy=coupled"], "algorithm.anchor.strategy='coupled' is not an option"),
     (BASE + ["+algorithm.anchor.gama_amp=2"], "did you mean algorithm.anchor.gamma_amp"),
-    (BASE + ["+algorithm.anchor.base_estimator=gae"], "algorithm.anchor.base_estimator=gae is not supported"),
     (BASE + ["+algorithm.anchor.base_estimator=nope"], "base_estimator=nope is not a registered verl estimator"),
     (BASE + ["+algorithm.anchor.base_estimator=anchor_random"], "the base must be a plain verl estimator"),
     (BASE + ["algorithm.rollout_correction.bypass_mode=true"], "set algorithm.rollout_correction.bypass_mode=false"),
@@ -60,7 +90,7 @@ def test_bad_configs_name_option_value_and_fix(overrides, message):
 
 def test_megatron_is_fine_for_strategies_without_attention():
     settings = read_settings(compose_verl([
-        "trainer.v1.trainer_mode=anchor_sync", "algorithm.adv_estimator=anchor_random",
+        "algorithm.adv_estimator=anchor_random",
         "actor_rollout_ref.actor.strategy=megatron",
     ]))
     assert settings.cfg.strategy == "random"
@@ -72,6 +102,11 @@ def test_validate_config_hook_runs_the_anchor_checks_first():
     import verl_anchor.verl_plugin  # noqa: F401  (entry point module: patches validate_config)
 
     assert getattr(verl_config.validate_config, "_verl_anchor", False)
-    with pytest.raises(ValueError, match="needs trainer.v1.trainer_mode=anchor_sync"):
-        verl_config.validate_config(compose_verl(["algorithm.adv_estimator=anchor_coupled"]),
+    with pytest.raises(ValueError, match="did you mean algorithm.adv_estimator=anchor_coupled"):
+        verl_config.validate_config(compose_verl(["algorithm.adv_estimator=anchor_couple"]),
                                     use_reference_policy=False, use_critic=False)
+
+
+def test_plain_names_that_verl_knows_are_not_typos():
+    for name in ("grpo", "gae", "rloo", "gpg", "opo"):
+        assert read_settings(compose_verl([f"algorithm.adv_estimator={name}"])) is None

@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from verl_anchor.usage import out_dir
+
 SHOWN = [
     ("timing_s/step", "step s"),
     ("timing_s/old_log_prob", "old_log_prob s"),
@@ -31,7 +33,7 @@ SHOWN = [
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where model, data and logs go")
+    parser.add_argument("--out", type=out_dir, default=Path("outputs/demo"), help="where model, data and logs go")
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps")
     parser.add_argument("--estimator", default="anchor_coupled",
                         help="algorithm.adv_estimator (anchor_local_chunk, anchor_global_anchor, anchor_coupled, "
@@ -39,8 +41,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides passed to verl, e.g. +algorithm.anchor.ratio=0.2")
 
 
-def demo_overrides(out: Path, steps: int, estimator: str) -> list[str]:
-    """Model, data and the verl overrides of the demo run (builds the assets on first use)."""
+def _override_value(overrides: list[str], key: str) -> str | None:
+    """The value the last `key=value` (or `+key=`, `++key=`) override gives, if any."""
+    value = None
+    for item in overrides:
+        name, sep, rest = item.lstrip("+").partition("=")
+        if sep and name == key:
+            value = rest
+    return value
+
+
+def demo_overrides(out: Path, steps: int, estimator: str, user_overrides: list[str] = ()) -> list[str]:
+    """Model, data and the verl overrides of the demo run (builds the assets on first use).
+
+    `user_overrides` go last (they win); CPU mode follows two of them through the rest of the
+    config: `trainer.n_gpus_per_node` (fake logical GPUs) and `actor_rollout_ref.actor.use_dynamic_bsz`
+    (the log-prob pass and the critic must match it).
+    """
     from verl_anchor import rewards
     from verl_anchor.cpu import cpu_overrides
     from verl_anchor.data import prepare_countdown
@@ -50,17 +67,19 @@ def demo_overrides(out: Path, steps: int, estimator: str) -> list[str]:
     data = out / "data"
     if not (data / "train.parquet").exists():
         prepare_countdown(data, train_size=64, test_size=16, seed=0)
+    user_overrides = list(user_overrides)
+    n_gpus = int(_override_value(user_overrides, "trainer.n_gpus_per_node") or 1)
+    dynamic = (_override_value(user_overrides, "actor_rollout_ref.actor.use_dynamic_bsz") or "false").lower() == "true"
     return cpu_overrides(
         model, data / "train.parquet", data / "test.parquet", adv_estimator=estimator,
         total_training_steps=steps, max_prompt_length=256, max_response_length=48,
-        use_remove_padding=True, attn_implementation="sdpa",
+        use_remove_padding=True, attn_implementation="sdpa", n_gpus=n_gpus, use_dynamic_bsz=dynamic,
     ) + [
-        "trainer.v1.trainer_mode=anchor_sync",
         f"reward.custom_reward_function.path={Path(rewards.__file__)}",
         "reward.custom_reward_function.name=compute_score",
         f"trainer.default_local_dir={out / 'checkpoints'}",
         "trainer.project_name=verl_anchor_demo", "trainer.experiment_name=" + estimator,
-    ]
+    ] + user_overrides
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with console.status("building the tiny model, tokenizer and Countdown data (first run only)"):
-        overrides = demo_overrides(out, args.steps, args.estimator) + list(args.overrides)
+        overrides = demo_overrides(out, args.steps, args.estimator, list(args.overrides))
     log_path = out / "main_ppo.log"
     console.print(f"[bold]verl main_ppo[/bold] on CPU: {args.estimator}, {args.steps} steps; full log: {log_path}")
     start = time.time()

@@ -95,6 +95,9 @@ def cpu_overrides(
     param_dtype: str = "fp32",
     num_cpus: int = 16,
     seed: int = 0,
+    n_gpus: int = 1,
+    use_dynamic_bsz: bool = False,
+    max_token_len_per_gpu: int | None = None,
 ) -> list[str]:
     """Hydra overrides for `python -m verl.trainer.main_ppo` on CPU (use with `cpu_env()`).
 
@@ -104,10 +107,16 @@ def cpu_overrides(
     ~1e-6. `num_cpus` is what Ray is told the host has: the TQ controller, storage unit,
     TaskRunner, worker, agent-loop and reward-loop actors each reserve a CPU, and with the real
     count (2) the placement group never becomes ready.
+
+    `n_gpus` actor ranks (gloo processes, each on a fake logical GPU). `use_dynamic_bsz` packs
+    micro-batches by token budget (actor, log-prob pass and critic alike) with
+    `max_token_len_per_gpu` tokens each (default: two longest sequences, so that batches split).
+    The critic (used when verl enables it, e.g. a `gae` base) is configured like the actor.
     """
     if attn_implementation not in ("eager", "sdpa"):
         raise ValueError(f"attn_implementation must be eager or sdpa on CPU, not {attn_implementation!r}")
     mini = ppo_mini_batch_size or train_batch_size
+    token_budget = max_token_len_per_gpu or 2 * (max_prompt_length + max_response_length)
     return [
         f"algorithm.adv_estimator={adv_estimator}",
         "algorithm.use_kl_in_reward=False",
@@ -132,6 +141,10 @@ def cpu_overrides(
         f"++actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype={param_dtype}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={mini}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro_batch_size_per_gpu}",
+        f"actor_rollout_ref.actor.use_dynamic_bsz={use_dynamic_bsz}",
+        f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={token_budget}",
+        f"actor_rollout_ref.rollout.log_prob_use_dynamic_bsz={use_dynamic_bsz}",
+        f"actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu={token_budget}",
         "actor_rollout_ref.actor.use_kl_loss=False",
         f"actor_rollout_ref.actor.optim.lr={lr}",
         "actor_rollout_ref.rollout.name=hf",
@@ -141,12 +154,23 @@ def cpu_overrides(
         "actor_rollout_ref.rollout.dtype=float32",
         "actor_rollout_ref.rollout.agent.num_workers=1",
         "reward.num_workers=1",
+        # The critic, when verl enables one, runs on CPU exactly like the actor.
+        f"critic.model.path={model_path}",
+        f"critic.model.use_remove_padding={use_remove_padding}",
+        f"++critic.model.override_config.attn_implementation={attn_implementation}",
+        "critic.strategy=fsdp2",
+        "critic.fsdp.strategy=fsdp2",
+        "critic.fsdp.use_torch_compile=False",
+        f"++critic.fsdp.mixed_precision.param_dtype={param_dtype}",
+        f"critic.ppo_micro_batch_size_per_gpu={micro_batch_size_per_gpu}",
+        f"critic.ppo_max_token_len_per_gpu={token_budget}",
+        f"critic.optim.lr={lr}",
         f"ray_kwargs.ray_init.num_cpus={num_cpus}",
         # verl's resource-pool manager always asks Ray for GPUs: advertise one logical GPU.
-        "++ray_kwargs.ray_init.num_gpus=1",
+        f"++ray_kwargs.ray_init.num_gpus={n_gpus}",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "trainer.device=cpu",
-        "trainer.n_gpus_per_node=1",
+        f"trainer.n_gpus_per_node={n_gpus}",
         "trainer.nnodes=1",
         "trainer.logger=[console]",
         f"trainer.total_training_steps={total_training_steps}",

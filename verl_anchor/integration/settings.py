@@ -1,18 +1,23 @@
-"""Reading and validating the anchor options of a verl config (`algorithm.anchor.*`).
+"""Reading, completing and validating the anchor options of a verl config (`algorithm.anchor.*`).
 
-Runs in the driver before Ray starts (wrapped around verl's `validate_config`) and again
-when the trainer is built, so a bad config fails before any rollout, with a message that
-names the option, the value and the fix.
+`prepare_config` runs in the driver before Ray starts (wrapped around verl's `validate_config`)
+and again when the trainer is built, so a bad config fails before any rollout, with a message
+that names the option, the value and the fix. The estimator name is the only switch: any
+stock `trainer.v1.trainer_mode` gets the anchor behaviour (see `integration.trainer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from verl_anchor.config import AnchorConfig
+
+logger = logging.getLogger(__name__)
 
 # verl estimator name -> strategy of spec §5.
 ANCHOR_ESTIMATORS: dict[str, str] = {
@@ -22,15 +27,17 @@ ANCHOR_ESTIMATORS: dict[str, str] = {
     "anchor_random": "random",
     "anchor_entropy": "entropy",
 }
-TRAINER_MODE = "anchor_sync"
+# The first version's trainer mode; kept as an alias of verl's "sync" so old command lines still run.
+LEGACY_TRAINER_MODE = "anchor_sync"
 DEFAULT_BASE_ESTIMATOR = "grpo"
-# Base estimators we cannot call: they need a critic (verl enables it only for adv_estimator=gae)
-# or inputs that verl's compute_advantage passes only under their own name.
+# Base estimators verl 0.9.1's v1 trainer cannot run even under their own name, and why.
 UNSUPPORTED_BASES = {
-    "gae": "it needs a critic, which verl enables only when algorithm.adv_estimator=gae",
-    "gdpo": "verl passes it the raw batch only under its own name",
-    "optimal_token_baseline": "verl passes it sum_pi_squared only under its own name",
-    "tir_optimal_token_baseline": "verl passes it sum_pi_squared only under its own name",
+    "gdpo": "verl 0.9.1's v1 trainer does not give it the raw batch and reward keys it needs "
+            "(it fails natively too)",
+    "optimal_token_baseline": "verl 0.9.1's v1 trainer never computes sum_pi_squared for it (it fails natively too)",
+    "tir_optimal_token_baseline": "verl 0.9.1's v1 trainer never computes sum_pi_squared for it "
+                                  "(it fails natively too)",
+    "remax": "verl 0.9.1's v1 trainer never computes the greedy reward_baselines it needs (it fails natively too)",
 }
 
 
@@ -41,6 +48,7 @@ class AnchorSettings:
     cfg: AnchorConfig
     estimator: str
     base_estimator: str
+    dump_dir: str | None = None
 
 
 def anchor_block(config: DictConfig) -> dict[str, Any]:
@@ -50,33 +58,53 @@ def anchor_block(config: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(block, resolve=True) if isinstance(block, DictConfig) else dict(block)
 
 
+def prepare_config(config: DictConfig) -> AnchorSettings | None:
+    """Complete a verl config for the anchor estimators in place, then validate it (`read_settings`).
+
+    Completing means: the legacy mode name `anchor_sync` becomes verl's `sync`, and a `gae` base
+    turns the critic on when `critic.enable` is unset (verl enables it only for adv_estimator=gae).
+    """
+    v1 = config.trainer.get("v1", None)
+    if v1 is not None and v1.get("trainer_mode", None) == LEGACY_TRAINER_MODE:
+        logger.warning("trainer.v1.trainer_mode=%s is an alias of sync: the estimator alone selects the anchor "
+                       "trainer now; drop the override", LEGACY_TRAINER_MODE)
+        with open_dict(config):
+            v1.trainer_mode = "sync"
+    settings = read_settings(config)
+    if settings is not None and settings.base_estimator == "gae" and config.critic.get("enable", None) is None:
+        with open_dict(config):
+            config.critic.enable = True
+    return settings
+
+
 def read_settings(config: DictConfig) -> AnchorSettings | None:
     """The anchor settings of a full verl config, or None when no anchor estimator is selected.
 
     Raises ValueError naming the option, the value and the fix for every unsupported combination.
     """
     estimator = str(config.algorithm.adv_estimator)
-    mode = config.trainer.get("v1", {}).get("trainer_mode", None)
     if estimator not in ANCHOR_ESTIMATORS:
+        _check_not_a_typo(estimator)
         return None
     if not config.trainer.get("use_v1", True):
-        raise ValueError(f"algorithm.adv_estimator={estimator} needs verl's v1 trainer: set trainer.use_v1=true")
-    if mode != TRAINER_MODE:
-        raise ValueError(
-            f"algorithm.adv_estimator={estimator} needs trainer.v1.trainer_mode={TRAINER_MODE} (got {mode!r}): "
-            f"add `trainer.v1.trainer_mode={TRAINER_MODE}`; the stock trainer would never compute or apply the "
-            "attention-derived weights and would silently train plain GRPO"
-        )
+        raise ValueError(f"algorithm.adv_estimator={estimator} needs verl's v1 trainer (the legacy trainer never "
+                         "runs the anchor step): set trainer.use_v1=true")
     options = anchor_block(config)
     base = options.pop("base_estimator", DEFAULT_BASE_ESTIMATOR)
-    options.pop("enable", None)  # tolerated: the estimator name already says it
+    enable = options.pop("enable", True)
+    dump_dir = options.pop("dump_dir", None)
+    if enable is not True:
+        raise ValueError(
+            f"algorithm.anchor.enable={enable!r} contradicts algorithm.adv_estimator={estimator}: the estimator name "
+            f"turns the method on; for the plain baseline set algorithm.adv_estimator={base} instead"
+        )
     if "strategy" in options:
         raise ValueError(
             f"algorithm.anchor.strategy={options['strategy']!r} is not an option: the strategy is chosen by "
             f"algorithm.adv_estimator (one of {', '.join(ANCHOR_ESTIMATORS)})"
         )
     cfg = AnchorConfig.from_mapping({**options, "strategy": ANCHOR_ESTIMATORS[estimator]}, prefix="algorithm.anchor.")
-    _check_base_estimator(base)
+    _check_base_estimator(config, base)
     rollout_correction = config.algorithm.get("rollout_correction", None) or {}
     if rollout_correction.get("bypass_mode", False):
         raise ValueError(
@@ -85,23 +113,38 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
         )
     if cfg.needs_attention:
         _check_attention_backend(config, estimator)
-    return AnchorSettings(cfg=cfg, estimator=estimator, base_estimator=base)
+    return AnchorSettings(cfg=cfg, estimator=estimator, base_estimator=base, dump_dir=dump_dir)
 
 
-def _check_base_estimator(base: str) -> None:
+def _check_not_a_typo(estimator: str) -> None:
+    """An unregistered name one letter off an anchor estimator would fail only at the first advantage step."""
+    from verl.trainer.ppo import core_algos
+
+    if estimator in core_algos.ADV_ESTIMATOR_REGISTRY or estimator in ("gae", "grpo"):
+        return
+    close = difflib.get_close_matches(estimator, list(ANCHOR_ESTIMATORS), n=1, cutoff=0.8)
+    if close:
+        raise ValueError(f"algorithm.adv_estimator={estimator} is not a registered estimator; "
+                         f"did you mean algorithm.adv_estimator={close[0]}?")
+
+
+def _check_base_estimator(config: DictConfig, base: str) -> None:
     from verl.trainer.ppo import core_algos
 
     if base in ANCHOR_ESTIMATORS:
         raise ValueError(f"algorithm.anchor.base_estimator={base} is invalid: the base must be a plain verl estimator "
-                         "such as grpo, rloo or reinforce_plus_plus")
+                         "such as grpo, gae, rloo or reinforce_plus_plus")
     if base in UNSUPPORTED_BASES:
         raise ValueError(f"algorithm.anchor.base_estimator={base} is not supported: {UNSUPPORTED_BASES[base]}; "
-                         "use grpo (default), rloo, reinforce_plus_plus, ...")
-    known = {"grpo"} | set(core_algos.ADV_ESTIMATOR_REGISTRY)
+                         "use grpo (default), gae, rloo, reinforce_plus_plus, ...")
+    known = {"grpo", "gae"} | set(core_algos.ADV_ESTIMATOR_REGISTRY)
     if base not in known:
         plain = sorted(k for k in known if k not in ANCHOR_ESTIMATORS and k not in UNSUPPORTED_BASES)
         raise ValueError(f"algorithm.anchor.base_estimator={base} is not a registered verl estimator; "
                          f"choose one of {', '.join(plain)}")
+    if base == "gae" and config.critic.get("enable", None) is False:
+        raise ValueError("algorithm.anchor.base_estimator=gae needs verl's critic for its values, but critic.enable=false: "
+                         "set critic.enable=true (or leave it unset)")
 
 
 def _check_attention_backend(config: DictConfig, estimator: str) -> None:
@@ -110,8 +153,8 @@ def _check_attention_backend(config: DictConfig, estimator: str) -> None:
     if strategy not in ("fsdp", "fsdp2"):
         raise ValueError(
             f"actor_rollout_ref.actor.strategy={strategy} is not supported by {estimator}: its statistics are captured "
-            "from Hugging Face attention modules, which only the FSDP backend runs; set "
-            "actor_rollout_ref.actor.strategy=fsdp2 (or fsdp), or use anchor_random / anchor_entropy"
+            "from Hugging Face attention modules, which only verl's FSDP engines run; set "
+            "actor_rollout_ref.actor.strategy=fsdp (verl's default) or fsdp2, or use anchor_random / anchor_entropy"
         )
     for key, value in (
         ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", actor.get("ulysses_sequence_parallel_size", 1)),
@@ -120,6 +163,7 @@ def _check_attention_backend(config: DictConfig, estimator: str) -> None:
     ):
         if value is not None and int(value) > 1:
             raise ValueError(
-                f"{key}={value} is not supported by {estimator}: with Ulysses sequence parallelism each rank sees "
-                f"only a slice of every sequence's keys; set {key}=1"
+                f"{key}={value} is not supported by {estimator}: with Ulysses sequence parallelism each rank's "
+                f"attention function sees only a slice of every sequence's keys (docs/usage.md); set {key}=1, "
+                "or use anchor_random / anchor_entropy"
             )

@@ -1,15 +1,19 @@
-"""Trainer side: the `anchor_sync` v1 trainer mode.
+"""Trainer side: attention-guided credit in whichever verl v1 trainer mode the user runs.
 
-verl's synchronous PPO trainer with four additions:
+The plugin wraps verl's `get_trainer_cls` (`anchor_trainer_cls`), so `sync`, `colocate_async`
+and `separate_async` each come back as a subclass of verl's own class with `AnchorTrainerMixin`
+in front. Built with a non-anchor estimator, that subclass hands back an instance of verl's
+class itself, untouched; with an anchor estimator the mixin adds:
 
-1. its hybrid worker is `AnchorActorRolloutRefWorker` (statistics inside the old-log-prob forward);
-2. at start-up it validates `algorithm.anchor.*` and builds the capture on the real actor module;
-3. it asks the old-log-prob pass for the anchor statistics (attention strategies only);
-4. right after verl's advantage step it scales each response's advantages by gamma
-   (`credit.token_weights` + the sign rule) and logs `anchor/*` metrics.
+1. the anchor variant of the actor worker verl chose (statistics inside the old-log-prob forward);
+2. at start-up: the options checked, the capture built on the real actor module;
+3. the statistics requested from the old-log-prob pass (attention strategies only);
+4. the advantage step run by verl's own code for the base estimator (`algorithm.anchor.base_estimator`,
+   exactly as if the user had selected it, critic values and whitening included), then each real
+   response's advantages scaled by gamma (`credit.batch_gamma` + the sign rule; the critic's
+   `returns` stay unscaled) and `anchor/*` metrics logged.
 
-With a non-anchor estimator (e.g. `grpo`) the trainer is verl's own, step for step, so the
-plain baseline runs through the same code.
+Mode strings stay verl's own, so every place verl compares `trainer_mode` behaves as usual.
 """
 
 from __future__ import annotations
@@ -17,53 +21,66 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import ray
 import torch
 import transfer_queue as tq
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from tensordict import TensorDict
 from verl.trainer.ppo.utils import Role
-from verl.trainer.ppo.v1.trainer_base import register_trainer
-from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from verl_anchor.credit import effective_gamma, is_degenerate, token_weights
-from verl_anchor.integration.estimator import anchor_trainer_active
-from verl_anchor.integration.settings import TRAINER_MODE, AnchorSettings, read_settings
-from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY, OUTPUT_KEYS, AnchorActorRolloutRefWorker
+from verl_anchor.credit import batch_gamma, effective_gamma, response_seed, shape_advantages
+from verl_anchor.integration.settings import AnchorSettings, prepare_config
+from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY, OUTPUT_KEYS, anchor_worker_cls
 
 logger = logging.getLogger(__name__)
 
+_VARIANTS: dict[type, type] = {}
 
-@register_trainer(TRAINER_MODE)
-class AnchorPPOTrainer(PPOTrainerSync):
-    """`trainer.v1.trainer_mode=anchor_sync`: verl's sync trainer + attention-guided credit."""
 
-    def __init__(self, config: DictConfig) -> None:
-        self.anchor: AnchorSettings | None = read_settings(config)
-        # verl compares trainer_mode with "sync" throughout; it was only needed to pick this class.
-        with open_dict(config):
-            config.trainer.v1.trainer_mode = "sync"
-        super().__init__(config)
+def anchor_trainer_cls(trainer_cls: type) -> type:
+    """The anchor variant of a verl v1 trainer class (cached, so each base gets one subclass)."""
+    if issubclass(trainer_cls, AnchorTrainerMixin):
+        return trainer_cls
+    if trainer_cls not in _VARIANTS:
+        _VARIANTS[trainer_cls] = type(f"Anchor{trainer_cls.__name__}", (AnchorTrainerMixin, trainer_cls),
+                                      {"__module__": __name__, "_anchor_base": trainer_cls})
+    return _VARIANTS[trainer_cls]
+
+
+class AnchorTrainerMixin:
+    """Attention-guided credit on top of a verl v1 trainer (see the module docstring)."""
+
+    _anchor_base: type
+    anchor: AnchorSettings
+
+    def __new__(cls, config: DictConfig, *args, **kwargs):
+        settings = prepare_config(config)
+        if settings is None:  # not an anchor run: verl's own class, step for step
+            return cls._anchor_base(config, *args, **kwargs)
+        instance = super().__new__(cls)
+        instance.anchor = settings
+        return instance
 
     # -- start-up ---------------------------------------------------------------------------
     def _init_resource_pool_mgr(self) -> None:
         super()._init_resource_pool_mgr()
         for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor):
             if role in self.role_worker_mapping:
-                self.role_worker_mapping[role] = ray.remote(AnchorActorRolloutRefWorker)
+                self.role_worker_mapping[role] = ray.remote(anchor_worker_cls(self.role_worker_mapping[role]))
 
     def _setup(self) -> None:
         super()._setup()
-        if self.anchor is not None and self.anchor.cfg.needs_attention:
+        if self.anchor.cfg.needs_attention:
             layers = self.actor_rollout_wg.anchor_prepare(self.anchor.cfg.to_dict())
             logger.warning("verl_anchor: %s captures attention of layers %s", self.anchor.estimator, layers[0])
 
     # -- step -------------------------------------------------------------------------------
     def _compute_old_log_prob(self, batch, metrics: dict):
-        wants_stats = self.anchor is not None and self.anchor.cfg.needs_attention
-        if wants_stats:
+        if self.anchor.cfg.needs_attention:
             batch.extra_info[ANCHOR_OPTIONS_KEY] = self.anchor.cfg.to_dict()
         try:
             return super()._compute_old_log_prob(batch, metrics)
@@ -71,22 +88,48 @@ class AnchorPPOTrainer(PPOTrainerSync):
             batch.extra_info.pop(ANCHOR_OPTIONS_KEY, None)  # keep it out of later RPCs
 
     def _compute_advantage(self, batch, metrics: dict):
-        if self.anchor is None:
-            return super()._compute_advantage(batch, metrics)
-        with anchor_trainer_active():
+        real = [not tag.get("is_padding", False) for tag in batch.tags]  # verl's _balance_batch padding
+        algorithm = self.config.algorithm
+        estimator = algorithm.adv_estimator
+        # verl picks GAE and GRPO by name inside its advantage code, with inputs (values, multi-turn
+        # broadcast) a registered estimator never receives: run the base under its own name.
+        algorithm.adv_estimator = self.anchor.base_estimator
+        try:
             batch = super()._compute_advantage(batch, metrics)
+        finally:
+            algorithm.adv_estimator = estimator
         start = time.perf_counter()
         fields = ["advantages", "response_mask", "entropy"]
         if self.anchor.cfg.needs_attention:
             fields += list(OUTPUT_KEYS)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        # Seeded per response, not per batch: the same response draws the same tokens on any rank,
+        # in any order; async modes run this several times per global step, hence the local step.
+        local_step = getattr(self, "local_trigger_step", 0)
+        seeds = [response_seed(self.anchor.cfg.seed, self.global_steps, local_step, key) for key in batch.keys]
         world = self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
-        shaped, anchor_metrics = scale_advantages(data, self.anchor, step=self.global_steps, world_size=world)
+        shaped, gamma, anchor_metrics = scale_advantages(data, self.anchor, seeds, real=real, world_size=world)
         out = TensorDict({"advantages": response_to_nested(shaped, data["response_mask"])}, batch_size=len(batch))
         batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+        if self.anchor.dump_dir:
+            self._dump(batch, data, gamma, real, local_step)
         anchor_metrics["timing_s/anchor_weights"] = time.perf_counter() - start
         metrics.update(anchor_metrics)
         return batch
+
+    def _dump(self, batch, data: TensorDict, gamma: torch.Tensor, real: Sequence[bool], local_step: int) -> None:
+        """`algorithm.anchor.dump_dir`: each response's tokens, statistics and gamma (for checks and analysis)."""
+        lengths = data["response_mask"].offsets().diff().tolist()
+        tokens = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["input_ids"])
+        record = {"keys": list(batch.keys), "real": list(real),
+                  "input_ids": [t.clone() for t in tokens["input_ids"].unbind()],
+                  "gamma": [gamma[i, :n].clone() for i, n in enumerate(lengths)]}
+        for name in OUTPUT_KEYS:
+            if name in data.keys():
+                record[name] = [t.clone() for t in data[name].unbind()]
+        path = Path(self.anchor.dump_dir) / f"step{self.global_steps:06d}_{local_step:03d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(record, path)
 
 
 def _padded(nested: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -94,39 +137,41 @@ def _padded(nested: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
 
 
 def scale_advantages(
-    data: TensorDict, settings: AnchorSettings, step: int, world_size: int = 1
-) -> tuple[torch.Tensor, dict]:
-    """gamma-scaled advantages `(batch, response_length)` and the `anchor/*` metrics of one batch.
+    data: TensorDict,
+    settings: AnchorSettings,
+    seeds: Sequence[int],
+    real: Sequence[bool] | None = None,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """gamma-scaled advantages `(batch, response_length)`, gamma itself, and the `anchor/*` metrics.
 
     `data` holds nested per-response `advantages`, `response_mask`, `entropy` and, for attention
-    strategies, the worker's `anchor_*` outputs (see `integration.worker`).
+    strategies, the worker's `anchor_*` outputs (see `integration.worker`). Rows with `real[i]` False
+    (verl's padding samples) keep gamma = 1 and stay out of the metrics.
     """
     cfg = settings.cfg
     advantages = _padded(data["advantages"]).float()
     mask = _padded(data["response_mask"]).bool()
     lengths = data["response_mask"].offsets().diff().tolist()
-    entropy = _padded(data["entropy"]).float()
+    real_rows = torch.ones(len(lengths), dtype=torch.bool) if real is None else torch.tensor(list(real), dtype=torch.bool)
+    lengths = [n if keep else 0 for n, keep in zip(lengths, real_rows.tolist())]
     waad = _padded(data["anchor_waad"], math.nan).float() if cfg.needs_attention else None
     fai = _padded(data["anchor_fai"], math.nan).float() if cfg.needs_attention else None
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(step))  # reproducible per step
-    gamma = torch.ones_like(advantages)
-    degenerate = 0
-    for i, n in enumerate(lengths):
-        row_waad = waad[i, :n] if waad is not None else torch.zeros(n)
-        row_fai = fai[i, :n] if fai is not None else torch.zeros(n)
-        if cfg.needs_attention and is_degenerate(row_waad, row_fai):
-            degenerate += 1  # token_weights returns gamma = 1 for it
-        gamma[i, :n] = token_weights(row_waad, row_fai, cfg, entropy=entropy[i, :n], generator=generator)
-    effective = effective_gamma(advantages, gamma, cfg.sign)
+    gamma, degenerate = batch_gamma(lengths, cfg, waad=waad, fai=fai, entropy=_padded(data["entropy"]).float(),
+                                    seeds=seeds)
+    gamma = torch.nn.functional.pad(gamma, (0, advantages.shape[1] - gamma.shape[1]), value=1.0)
+    shaped = shape_advantages(advantages, gamma, cfg.sign)
+    effective = effective_gamma(advantages, gamma, cfg.sign)  # what shape_advantages multiplied by
+    mask &= real_rows[:, None]
     tokens = max(1, int(mask.sum()))
     metrics = {
         "anchor/selected_frac": float(((gamma != 1.0) & mask).sum()) / tokens,  # chosen by the strategy
         "anchor/amplified_frac": float(((effective != 1.0) & mask).sum()) / tokens,  # after the sign rule
         "anchor/gamma_mean": float(effective[mask].sum()) / tokens,
-        "anchor/degenerate_frac": degenerate / max(1, len(lengths)),
+        "anchor/degenerate_frac": float(degenerate[real_rows].sum()) / max(1, int(real_rows.sum())),
     }
     if cfg.needs_attention:
-        per_seq = _padded(data["anchor_seq"], math.nan).float()
+        per_seq = _padded(data["anchor_seq"], math.nan).float()[real_rows]
         defined_fai = fai[mask & ~torch.isnan(fai)]
         metrics.update({
             "anchor/waad_mean": float(waad[mask & torch.isfinite(waad)].mean()) if mask.any() else math.nan,
@@ -134,6 +179,6 @@ def scale_advantages(
             "anchor/span_local": float(per_seq[:, 0].nanmean()),
             "anchor/span_global": float(per_seq[:, 1].nanmean()),
             # Each sequence carries its share of its rank's time: the sum over ranks, averaged per rank.
-            "timing_s/anchor_stats": float(per_seq[:, 2].nansum()) / max(1, world_size),
+            "timing_s/anchor_stats": float(_padded(data["anchor_seq"], math.nan)[:, 2].nansum()) / max(1, world_size),
         })
-    return advantages * effective, metrics
+    return shaped, gamma, metrics

@@ -1,7 +1,8 @@
 """Worker side: compute the anchor statistics inside the old-log-prob forward verl already runs.
 
-`AnchorActorRolloutRefWorker` is verl's hybrid worker with one change: its actor is an
-`AnchorTrainingWorker`. When the trainer puts the anchor options in the batch's
+`AnchorActorRolloutRefWorker` (sync, colocate_async) and `AnchorDetachActorWorker`
+(separate_async) are the worker classes verl's trainer picks, with one change: their actor is
+an `AnchorTrainingWorker`. When the trainer puts the anchor options in the batch's
 `extra_info`, that worker's `infer_batch` runs with an `AttentionCapture` on the actor's
 HF module and a temporary "loss" whose only job is to turn each micro-batch's captured
 statistics into per-token outputs. verl's engine calls that function after the forward with
@@ -27,6 +28,7 @@ import torch
 from tensordict import TensorDict
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.utils import tensordict_utils as tu
+from verl.experimental.separation.engine_workers import DetachActorWorker
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from verl_anchor.capture import AttentionCapture
@@ -98,8 +100,8 @@ class AnchorTrainingWorker(TrainingWorker):
             tu.assign_non_tensor(data, compute_loss=saved_flag)
 
 
-class AnchorActorRolloutRefWorker(ActorRolloutRefWorker):
-    """verl's hybrid actor/rollout/ref worker with an anchor-aware actor."""
+class AnchorWorkerMixin:
+    """Mixed in front of a verl actor worker class: an anchor-aware actor and the start-up check."""
 
     actor_worker_cls = AnchorTrainingWorker
 
@@ -108,3 +110,19 @@ class AnchorActorRolloutRefWorker(ActorRolloutRefWorker):
         """Build the capture on the real actor module once, at start-up: a model the capture cannot
         handle or layers it does not have fail here, before any rollout. Returns the captured layers."""
         return self.actor.capture_for(AnchorConfig.from_mapping(options)).layers
+
+
+# Module-level classes, so Ray pickles them by reference in every worker process.
+class AnchorActorRolloutRefWorker(AnchorWorkerMixin, ActorRolloutRefWorker):
+    """verl's hybrid actor/rollout/ref worker (sync and colocate_async) with an anchor-aware actor."""
+
+
+class AnchorDetachActorWorker(AnchorWorkerMixin, DetachActorWorker):
+    """verl's separate_async actor worker (pi_old save/restore) with an anchor-aware actor."""
+
+
+def anchor_worker_cls(worker: Any) -> type:
+    """The anchor variant of the actor worker a verl trainer chose: a class, or `ray.remote(class)`,
+    whose type subclasses the class it wraps."""
+    worker_cls = worker if isinstance(worker, type) else type(worker)
+    return AnchorDetachActorWorker if issubclass(worker_cls, DetachActorWorker) else AnchorActorRolloutRefWorker
