@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verl_anchor import data
 from verl_anchor.cli import main as cli_main
-from verl_anchor.data import DataError, generate_countdown, prepare_countdown, prepare_math
+from verl_anchor.data import (
+    DataError,
+    generate_countdown,
+    math_sets,
+    max_distinct_problems,
+    prepare_countdown,
+    prepare_math,
+)
 from verl_anchor.rewards import compute_score
 from verl_anchor.rewards.countdown import _value, parse_equation
 
@@ -75,6 +83,24 @@ def test_countdown_bad_ranges() -> None:
         generate_countdown(1, 1, min_numbers=4, max_numbers=3)
     with pytest.raises(DataError, match="distinct problems"):
         generate_countdown(5000, 0, min_numbers=2, max_numbers=2, max_target=3)
+    with pytest.raises(DataError, match="max_numbers <= 10"):
+        generate_countdown(1, 1, min_numbers=3, max_numbers=11)
+
+
+def test_countdown_more_problems_than_exist_refused_at_once() -> None:
+    # Today's main drew until it ran out of memory or patience (10**10 problems) before saying anything.
+    assert max_distinct_problems(2, 2, 1000) == math.comb(101, 2) * 4  # pairs, each with at most 4 results
+    start = time.perf_counter()
+    for sizes, ranges in [((10**10, 0), {}), ((20_000, 201), {"min_numbers": 2, "max_numbers": 2})]:
+        with pytest.raises(DataError, match="but at most .* exist"):
+            generate_countdown(*sizes, **ranges)
+    assert time.perf_counter() - start < 1
+
+
+def test_countdown_nothing_to_write(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nothing to write"):
+        prepare_countdown(tmp_path / "out", 0, 0)
+    assert not (tmp_path / "out").exists()
 
 
 COUNTDOWN_SCHEMA = pa.schema(
@@ -262,7 +288,7 @@ def test_olympiadbench_list_answers_and_dapo_template_dedup(tmp_path: Path) -> N
     assert olymp[0]["reward_model"]["ground_truth"] == "\\frac{1}{2}"
 
     problem = "How many positive divisors does 36 have?"
-    content = data._DAPO_PREFIX + problem + data._DAPO_SUFFIX
+    content = math_sets._DAPO_PREFIX + problem + math_sets._DAPO_SUFFIX
     dapo_row = {
         "data_source": "math_dapo",
         "prompt": [{"role": "user", "content": content}],
@@ -272,7 +298,7 @@ def test_olympiadbench_list_answers_and_dapo_template_dedup(tmp_path: Path) -> N
     }
     other = {
         **dapo_row,
-        "prompt": [{"role": "user", "content": data._DAPO_PREFIX + "What is 2+2?" + data._DAPO_SUFFIX}],
+        "prompt": [{"role": "user", "content": math_sets._DAPO_PREFIX + "What is 2+2?" + math_sets._DAPO_SUFFIX}],
         "reward_model": {"ground_truth": "4", "style": "rule"},
     }
     src = tmp_path / "dapo-math-17k.parquet"

@@ -61,5 +61,5 @@ def test_train_launcher_prepares_missing_data_and_prints_the_command(tmp_path, m
     assert (tmp_path / "countdown" / "train.parquet").exists() and (tmp_path / "countdown" / "test.parquet").exists()
     assert "-m verl.trainer.main_ppo --config-path=pkg://verl_anchor.recipes --config-name=countdown_qwen3_4b " \
            "algorithm.adv_estimator=anchor_random" in out
-    with pytest.raises(FileNotFoundError, match="not a dataset verl-anchor can prepare"):
-        main(["train", "countdown_qwen3_4b", "--dry-run", f"data.train_files={tmp_path}/mystery/train.parquet"])
+    assert main(["train", "countdown_qwen3_4b", "--dry-run", f"data.train_files={tmp_path}/mystery/train.parquet"]) == 2
+    assert "not a dataset verl-anchor can prepare" in capsys.readouterr().err

@@ -1,10 +1,14 @@
-"""`verl-anchor train RECIPE`: prepare the recipe's data if missing, then start verl on it.
+"""`verl-anchor train RECIPE`: check the composed config, prepare the recipe's missing data, then start verl.
+
+Order: compose the recipe with the overrides, run verl's `validate_config` (as `main_ppo` does)
+and the anchor checks (`read_settings`) on it, and only then prepare data and start verl, so a
+bad option costs seconds, not a data build or a Ray start. `--dry-run` stops before starting
+verl and prints the command.
 
 The recipe's data files live under `$VERL_ANCHOR_DATA` (default `~/data/verl_anchor`), one
 directory per dataset name (`countdown/`, `dapo-math-17k/`, `aime24/`, ...). Missing ones
-are prepared with `verl-anchor data NAME` (Countdown is generated; math sets come from the
-hub, so a machine without network needs `verl-anchor data NAME --from PATH` first). The
-exact command is printed before it runs.
+are prepared as `verl-anchor data NAME` would (Countdown is generated; math sets come from the
+hub, so a machine without network needs `verl-anchor data NAME --from PATH --out DIR` first).
 """
 
 from __future__ import annotations
@@ -15,29 +19,76 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from verl_anchor.data import DATASETS, prepare_countdown, prepare_math
+from verl_anchor.data import DATASETS, HubUnavailable, prepare_countdown, prepare_math
+from verl_anchor.usage import UsageError
+
+# The recipes' base config, not a recipe of its own.
+_BASE_CONFIG = "anchor_base"
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes, as hydra finds them in `pkg://verl_anchor.recipes`."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="verl_anchor.recipes", version_base=None):
+        names = GlobalHydra.instance().config_loader().get_group_options("", results_filter=ObjectType.CONFIG)
+    return sorted(name for name in names if name != _BASE_CONFIG and not name.startswith("_"))  # hydra's own
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name in verl_anchor/recipes (e.g. countdown_qwen3_4b)")
-    parser.add_argument("--dry-run", action="store_true", help="prepare data and print the command, do not run it")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, prepare data and print the command; do not run it")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. algorithm.adv_estimator=anchor_random")
 
 
-def data_files(recipe: str, overrides: list[str]) -> list[Path]:
-    """The train and validation files a composed recipe reads."""
+def compose_recipe(recipe: str, overrides: list[str]) -> Any:
+    """The recipe composed with ``overrides`` and resolved; `UsageError` for an unknown recipe or a bad override."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
+    if recipe not in recipe_names():
+        raise UsageError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())}")
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="verl_anchor.recipes", version_base=None):
-        config = compose(config_name=recipe, overrides=overrides)
+    try:
+        with initialize_config_module(config_module="verl_anchor.recipes", version_base=None):
+            config = compose(config_name=recipe, overrides=overrides)
+        OmegaConf.resolve(config)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UsageError(f"recipe {recipe} with overrides {overrides}: {err}") from err
+    return config
+
+
+def validate(config: Any) -> None:
+    """verl's `validate_config` as `main_ppo` calls it, then the anchor checks; `UsageError` naming the problem."""
+    from omegaconf.errors import OmegaConfBaseException
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from verl_anchor.integration.settings import read_settings
+
+    try:
+        validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+        read_settings(config)
+    # verl's checks are assertions and ValueErrors about the config's values.
+    except (AssertionError, ValueError, OmegaConfBaseException) as err:
+        raise UsageError(f"invalid config: {err}") from err
+
+
+def data_files(config: Any) -> list[Path]:
+    """The train and validation files a composed recipe reads."""
     files = []
     for key in ("train_files", "val_files"):
-        value = OmegaConf.to_container(config.data, resolve=True)[key]
-        files += [Path(v) for v in (value if isinstance(value, list) else [value])]
+        value = config.data[key]
+        files += [Path(v) for v in ([value] if isinstance(value, str) else value)]
     return files
 
 
@@ -50,15 +101,23 @@ def ensure_data(files: list[Path]) -> None:
         if name == "countdown":
             prepare_countdown(path.parent, train_size=20_000, test_size=512, seed=0)
         elif name in DATASETS:
-            prepare_math(name, path.parent)
+            try:
+                prepare_math(name, path.parent)
+            except HubUnavailable as exc:
+                raise UsageError(
+                    f"{exc}. Offline, prepare it first: verl-anchor data {name} --from PATH --out {path.parent}"
+                ) from exc
         else:
-            raise FileNotFoundError(f"{path} is missing and {name!r} is not a dataset verl-anchor can prepare")
+            raise UsageError(f"{path} is missing and {name!r} is not a dataset verl-anchor can prepare "
+                             f"(countdown, {', '.join(DATASETS)})")
         if not path.exists():
-            raise FileNotFoundError(f"preparing {name} did not produce {path}")
+            raise UsageError(f"preparing {name} did not produce {path}")
 
 
 def run(args: argparse.Namespace) -> int:
-    ensure_data(data_files(args.recipe, list(args.overrides)))
+    config = compose_recipe(args.recipe, list(args.overrides))
+    validate(config)
+    ensure_data(data_files(config))
     command = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path=pkg://verl_anchor.recipes",
                f"--config-name={args.recipe}", *args.overrides]
     print("running:", shlex.join(command), flush=True)

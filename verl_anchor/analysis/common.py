@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from verl_anchor.capture import AttentionCapture, CaptureError
 from verl_anchor.config import AnchorConfig
 from verl_anchor.credit import select_tokens, waad_jumps
 from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, response_signals
+from verl_anchor.usage import UsageError, model_ref, out_dir, seed
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
 
@@ -39,38 +39,38 @@ DEMO_PROMPTS = [
 ]
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UsageError):
     """Bad input to an analysis command (the message names it and what to do)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
     """The options every analysis command takes."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="Hugging Face model id or local path (e.g. Qwen/Qwen3-4B-Base)")
+    source.add_argument("--model", type=model_ref, help="Hugging Face model id or local path (e.g. Qwen/Qwen3-4B-Base)")
     source.add_argument("--demo", action="store_true", help="use the tiny offline random model (no downloads)")
     parser.add_argument("--prompts", type=Path, default=None,
                         help="jsonl with a `prompt` field per line (optional `response`: then no generation), or "
                              "a verl parquet such as `verl-anchor data gsm8k` writes; "
                              "default: three built-in arithmetic word problems")
     parser.add_argument("--limit", type=int, default=None, help="use only the first LIMIT prompts")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", type=out_dir, required=True, help="output directory")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="response length limit")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i")
+    parser.add_argument("--seed", type=seed, default=0, help="prompt i is sampled with seed + i")
     parser.add_argument("--num-layers", type=int, default=5,
                         help="layers captured: this many evenly spaced over the middle third")
 
 
 def user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command's `run(args)`: bad input and models the capture cannot handle exit 2 with the message."""
+    """Wrap a command's `run(args)`: a model the capture cannot handle is bad input to these commands
+    (an `AnalysisError`, which the CLI reports as one `error:` line with exit code 2)."""
 
     @functools.wraps(run)
     def guarded(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (AnalysisError, CaptureError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        except CaptureError as err:
+            raise AnalysisError(str(err)) from err
 
     return guarded
 
@@ -139,7 +139,12 @@ def _parquet_prompts(path: Path) -> list[dict[str, Any]]:
         raise AnalysisError(f"cannot read the `prompt` column of --prompts {path}: {err}") from err
     items = []
     for index, messages in enumerate(rows):
-        text = "\n".join(m.get("content", "") for m in messages or [] if m.get("role") == "user")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content") or "", str) for m in messages
+        ):
+            raise AnalysisError(f"{path}: row {index}: `prompt` is {type(messages).__name__}, expected a list of "
+                                "chat messages with text content (verl's schema, as `verl-anchor data` writes)")
+        text = "\n".join(m.get("content") or "" for m in messages if m.get("role") == "user")
         if not text:
             raise AnalysisError(f"{path}: row {index} has no user message in `prompt`")
         items.append({"prompt": text})
@@ -157,11 +162,15 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
     else:
         path = args.model
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # transformers' ways of saying "not a (loadable) model"
+        raise AnalysisError(f"cannot load --model {path}: {err}") from err
     if cuda:
         model = model.to("cuda")
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path), path
+    return model, tokenizer, path
 
 
 @dataclasses.dataclass
@@ -224,6 +233,10 @@ class Session:
                        ("temperature", args.temperature, args.temperature >= 0, "0 (greedy) or a positive number")])
         self.model, self.tokenizer, self.name = load_model(args)
         self.capture = AttentionCapture(self.model, self.cfg, map_bins=map_bins)
+        for index, item in enumerate(self.items):
+            if not self.prompt_ids(item["prompt"]):
+                raise AnalysisError(f"prompt {index} is empty and the tokenizer of {self.name} has no chat template "
+                                    "to wrap it: give every prompt some text")
         self.candidates = candidates
         self.device = next(self.model.parameters()).device
 

@@ -1,0 +1,213 @@
+"""Every `verl-anchor` input error is one `error:` line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from verl_anchor import cli
+from verl_anchor.analysis import common
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
+    """``verl-anchor argv`` exits 2 with exactly one stderr line, ``error: ...`` containing ``fragments``."""
+    capsys.readouterr()  # drop what the test's own set-up printed
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model was loaded"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line itself
+
+
+def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_usage_error([], capsys, "COMMAND")
+    assert_usage_error(["nosuch"], capsys, "invalid choice")
+    assert_usage_error(["data", "countdown"], capsys, "--out")
+    assert_usage_error(["data", "countdown", "--out", "x", "--max-target", "many"], capsys, "--max-target")
+    assert_usage_error(["data", "countdown", "--out", "x", "--bogus"], capsys, "unrecognized arguments: --bogus")
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from verl_anchor.data import cli as data_cli
+
+    def broken(args: object) -> int:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(data_cli, "run", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["data", "countdown", "--out", str(tmp_path)])
+
+
+def test_subprocess_prints_one_error_line_and_exits_2(tmp_path: Path) -> None:
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    done = subprocess.run([sys.executable, "-m", "verl_anchor.cli", "data", "countdown", "--out", str(existing)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: argument --out: {existing} is an existing file, not a directory "
+                                        "(see verl-anchor data --help)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and seeds
+
+
+def test_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: None) -> None:
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    for command in (["data", "countdown"], ["analyze", "--demo"], ["coupling", "--demo"], ["perturb", "--demo"],
+                    ["demo"]):
+        assert_usage_error([*command, "--out", str(existing)], capsys, "--out", "is an existing file")
+    assert_usage_error(["data", "countdown", "--out", str(existing / "sub")], capsys, f"is inside {existing}")
+
+
+def test_model_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: None) -> None:
+    out = str(tmp_path / "out")
+    assert_usage_error(["analyze", "--model", str(tmp_path / "missing"), "--out", out], capsys, "does not exist")
+    (tmp_path / "no_config").mkdir()
+    assert_usage_error(["coupling", "--model", str(tmp_path / "no_config"), "--out", out], capsys, "no config.json")
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    assert_usage_error(["perturb", "--model", str(tmp_path / "weights.bin"), "--out", out], capsys, "is a file")
+
+
+def test_model_that_does_not_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+    assert_usage_error(["analyze", "--model", str(model), "--out", str(tmp_path / "out")], capsys,
+                       f"cannot load --model {model}")
+
+
+@pytest.mark.parametrize("command", [["data", "countdown"], ["analyze", "--demo"]])
+@pytest.mark.parametrize("value", [str(2**64), str(2**63), "-1", "1.5"])
+def test_seeds_beyond_64_bits(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: None,
+                              command: list[str], value: str) -> None:
+    assert_usage_error([*command, "--out", str(tmp_path), "--seed", value], capsys, "--seed")
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt files
+
+
+@pytest.mark.parametrize("column", [["a string prompt"], [7], [[{"role": "user", "content": 3}]]])
+def test_parquet_prompt_column_of_the_wrong_type(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 no_model_load: None, column: list) -> None:
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": column}), path)
+    assert_usage_error(["analyze", "--demo", "--prompts", str(path), "--out", str(tmp_path / "o")], capsys,
+                       "row 0", "expected a list of chat messages")
+
+
+def test_missing_prompts_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: None) -> None:
+    for name in ("missing.jsonl", "missing.parquet"):
+        assert_usage_error(["analyze", "--demo", "--prompts", str(tmp_path / name), "--out", str(tmp_path / "o")],
+                           capsys, name)
+
+
+def test_empty_prompt_without_chat_template(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verl_anchor.tiny import ensure_tiny_model
+
+    path = ensure_tiny_model(tmp_path / "cache")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = None
+    monkeypatch.setattr(common, "load_model", lambda args: (model, tokenizer, "tiny"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Count to three."}) + "\n" + json.dumps({"prompt": ""}) + "\n")
+    assert_usage_error(["analyze", "--demo", "--prompts", str(prompts), "--out", str(tmp_path / "o")], capsys,
+                       "prompt 1 is empty", "no chat template")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def test_data_countdown_impossible_or_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "cd")
+    assert_usage_error(["data", "countdown", "--out", out, "--train-size", str(10**10)], capsys,
+                       "asked for 10000000512 distinct problems, but at most")
+    assert_usage_error(["data", "countdown", "--out", out, "--min-numbers", "2", "--max-numbers", "2",
+                        "--max-target", "3", "--train-size", "20000", "--test-size", "0"], capsys, "at most 15150")
+    assert_usage_error(["data", "countdown", "--out", out, "--train-size", "0", "--test-size", "0"], capsys,
+                       "nothing to write")
+    assert_usage_error(["data", "countdown", "--out", out, "--split", "train", "--train-size", "0"], capsys,
+                       "nothing to write")
+    assert_usage_error(["data", "countdown", "--out", out, "--min-numbers", "5", "--max-numbers", "3"], capsys,
+                       "min_numbers")
+    assert not (tmp_path / "cd").exists()
+
+
+def test_data_math_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    out = str(tmp_path / "o")
+    assert_usage_error(["data", "math500", "--out", out], capsys, "could not load", "pass --from PATH")
+    assert_usage_error(["data", "gsm8k", "--out", out, "--from", str(tmp_path / "nope")], capsys, "does not exist")
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("VERL_ANCHOR_DATA", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_train_unknown_recipe_and_bad_overrides(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_usage_error(["train", "countdown_qwen3_4", "--dry-run"], capsys, "unknown recipe 'countdown_qwen3_4'",
+                       "countdown_qwen3_4b")
+    assert_usage_error(["train", "countdown_qwen3_4b", "--dry-run", "no_such_key=1"], capsys, "no_such_key")
+    assert_usage_error(["train", "countdown_qwen3_4b", "--dry-run", "=="], capsys, "Error parsing override")
+    assert not data_dir.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # verl's validate_config, as main_ppo runs it
+    (["actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.temperature=0"],
+     "temperature should be greater than 0"),
+    (["+algorithm.anchor.k=-1"], "algorithm.anchor.k=-1"),  # the anchor checks
+])
+def test_train_dry_run_validates_before_preparing_data(data_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                       overrides: list[str], message: str) -> None:
+    assert_usage_error(["train", "countdown_qwen3_4b", "--dry-run", *overrides], capsys, "invalid config", message)
+    assert not data_dir.exists()
+
+
+def test_train_offline_math_data_names_the_data_command(data_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    line = assert_usage_error(["train", "math_qwen3_4b_1k", "--dry-run"], capsys,
+                              f"verl-anchor data dapo-math-17k --from PATH --out {data_dir / 'dapo-math-17k'}")
+    assert "pass --from" not in line

@@ -1,0 +1,54 @@
+"""`verl-anchor data NAME --out DIR`: prepare one dataset (see `verl_anchor.data`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from verl_anchor.data.countdown import prepare_countdown
+from verl_anchor.data.math_sets import DATASETS, HubUnavailable, prepare_math
+from verl_anchor.usage import UsageError, out_dir, seed
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of `verl-anchor data`."""
+    parser.add_argument("name", choices=["countdown", *DATASETS], help="dataset to prepare")
+    parser.add_argument("--out", type=out_dir, required=True, help="output directory for train.parquet / test.parquet")
+    parser.add_argument(
+        "--from",
+        dest="from_path",
+        type=Path,
+        help="read a math set from this parquet/json/jsonl/csv file or directory (default: the Hugging Face hub)",
+    )
+    parser.add_argument(
+        "--split", choices=["train", "test"], help="prepare only this split (needed for gsm8k --from a single file)"
+    )
+    group = parser.add_argument_group("countdown")
+    group.add_argument("--seed", type=seed, default=0, help="generator seed (default 0)")
+    group.add_argument("--train-size", type=int, default=20_000, help="train problems (default 20000)")
+    group.add_argument("--test-size", type=int, default=512, help="test problems (default 512)")
+    group.add_argument("--min-numbers", type=int, default=3, help="fewest numbers per problem (default 3)")
+    group.add_argument("--max-numbers", type=int, default=4, help="most numbers per problem (default 4)")
+    group.add_argument("--max-target", type=int, default=1000, help="largest target (default 1000)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare the dataset; bad input raises a `UsageError` subclass (`DataError`), which the CLI reports."""
+    if args.name != "countdown":
+        try:
+            prepare_math(args.name, args.out, args.from_path, args.split)
+        except HubUnavailable as exc:
+            raise UsageError(f"{exc}. Offline, download it elsewhere and pass --from PATH") from exc
+        return 0
+    if args.from_path is not None:
+        raise UsageError("countdown is generated locally; --from does not apply")
+    prepare_countdown(
+        args.out,
+        train_size=0 if args.split == "test" else args.train_size,
+        test_size=0 if args.split == "train" else args.test_size,
+        seed=args.seed,
+        min_numbers=args.min_numbers,
+        max_numbers=args.max_numbers,
+        max_target=args.max_target,
+    )
+    return 0

@@ -1,0 +1,61 @@
+"""Command-line input checks shared by the `verl-anchor` sub-commands.
+
+`UsageError` is the one exception type that `verl_anchor.cli.main` reports as a single
+``error: ...`` line with exit code 2 (the sub-commands' own input errors subclass it); anything
+else is a bug and keeps its traceback. The ``argparse`` types below check paths and seeds while
+the command line is parsed, before any model is loaded or data is generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Largest accepted seed: a command adds the prompt index to it, and the sum must still fit the
+# 64-bit seeds of torch and numpy.
+MAX_SEED = 2**63 - 1
+
+
+class UsageError(ValueError):
+    """Bad input from the command line (the message names it and what to do)."""
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line (library errors, e.g. hydra's, span several)."""
+    return " ".join(str(message).split())
+
+
+def out_dir(value: str) -> Path:
+    """An output directory: existing, or creatable (no file in the way)."""
+    path = Path(value).expanduser()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is an existing file" if existing == path else f"is inside {existing}, which is a file"
+                raise argparse.ArgumentTypeError(f"{value} {where}, not a directory")
+            break
+    return path
+
+
+def seed(value: str) -> int:
+    """A seed: an integer from 0 to `MAX_SEED`."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if not 0 <= number <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: use an integer from 0 to {MAX_SEED}")
+    return number
+
+
+def model_ref(value: str) -> str:
+    """A Hugging Face model: a local directory with a ``config.json``, or a hub id (``namespace/name``)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{value} is a file, not a model directory")
+        if not (path / "config.json").is_file():
+            raise argparse.ArgumentTypeError(f"{value} is not a Hugging Face model directory (it has no config.json)")
+    elif path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1:  # cannot be a hub id
+        raise argparse.ArgumentTypeError(f"{value} does not exist")
+    return value
