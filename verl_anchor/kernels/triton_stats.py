@@ -55,7 +55,7 @@ def _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, 
     return m_new, mass, span, waad
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one compilation for every micro-batch size
 def _row_pass(Q, K, TILES, ROW_SPAN, WAAD, LSE2, stride_qh, stride_qt, stride_kh, stride_kt, num_tokens,
               scale_log2e, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -92,7 +92,7 @@ def _row_pass(Q, K, TILES, ROW_SPAN, WAAD, LSE2, stride_qh, stride_qt, stride_kh
     tl.store(LSE2 + out, m_i + tl.log2(mass.to(tl.float32)), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _fai_pass(Q, K, TILES, LSE2, FAI, stride_qh, stride_qt, stride_kh, stride_kt, num_tokens, scale_log2e,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, FAI_LO: tl.constexpr, FAI_HI: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
