@@ -1,8 +1,11 @@
 """The batched statistics engine (`verl_anchor.stats_engine`) on its torch path, against the per-sequence
-`metrics` functions and the dense reference; and its dispatch."""
+`metrics` functions and the dense reference; its dispatch; and bench_gpu's exit without CUDA."""
 
 import math
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from verl_anchor.stats_engine import (
     stack_layers,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [1, 37, 0, 150, 2, 120]
 RESPONSES = [1, 20, 0, 150, 0, 64]
 
@@ -200,3 +204,13 @@ def test_triton_backend_calls_the_kernels_once_per_layer(monkeypatch):
     packed_token_stats(q, k, cu, AnchorConfig(), scale=0.5)
     assert calls == [((math.ceil(10 / triton_stats.TILE) + 2, 3), 10, 10, 100, 0.5)]
 
+
+def test_bench_gpu_exits_cleanly_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "CUDA" in lines[0]
