@@ -29,6 +29,7 @@ SHOWN = [
     ("anchor/span_global", "span glob"),
     ("anchor/degenerate_frac", "degenerate"),
     ("critic/score/mean", "reward"),
+    ("critic/vf_loss", "critic loss"),  # only with a critic (e.g. +algorithm.anchor.base_estimator=gae)
 ]
 
 

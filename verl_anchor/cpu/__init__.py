@@ -38,10 +38,11 @@ def register() -> None:
     import verl.plugin.platform  # noqa: F401
 
     # The platform before the rollout modules: importing those may already resolve the platform.
-    from verl_anchor.cpu.platform import patch_init_process_group, register_platform
+    from verl_anchor.cpu.platform import patch_init_process_group, patch_valuehead_loader, register_platform
 
     register_platform()
     patch_init_process_group()
+    patch_valuehead_loader()
 
     from verl.workers.rollout.base import _ROLLOUT_REGISTRY
     from verl.workers.rollout.replica import RolloutReplicaRegistry

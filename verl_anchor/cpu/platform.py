@@ -202,6 +202,35 @@ def patch_init_process_group() -> None:
     torch.distributed.init_process_group = init_process_group
 
 
+def patch_valuehead_loader() -> None:
+    """Let verl's critic load on CPU: its value-model loader hard-codes `flash_attention_2`.
+
+    `verl.utils.model.load_valuehead_model` builds `AutoModelForTokenClassification` with
+    `attn_implementation="flash_attention_2"`, which CPU torch cannot run (and then falls back to
+    `trl`, not installed). Under the CPU platform the same model is built with the implementation
+    the critic's config asks for (`critic.model.override_config.attn_implementation`). Idempotent.
+    """
+    import verl.utils.model as verl_model
+
+    original: Callable[..., Any] = verl_model.load_valuehead_model
+    if getattr(original, "_verl_anchor_cpu", False):
+        return
+
+    @functools.wraps(original)
+    def load_valuehead_model(local_path: str, torch_dtype: Any, model_config: Any, trust_remote_code: bool) -> Any:
+        if not cpu_platform_active():
+            return original(local_path, torch_dtype, model_config, trust_remote_code)
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification.from_pretrained(
+            local_path, torch_dtype=torch_dtype, config=model_config, trust_remote_code=trust_remote_code,
+            attn_implementation=getattr(model_config, "_attn_implementation", None) or "sdpa",
+        )
+
+    load_valuehead_model._verl_anchor_cpu = True  # type: ignore[attr-defined]
+    verl_model.load_valuehead_model = load_valuehead_model
+
+
 def register_platform() -> None:
     """Add `PlatformCPU` to verl's registry as "cpu" (idempotent; the registry logs repeats)."""
     if PlatformRegistry.get("cpu") is not PlatformCPU:
