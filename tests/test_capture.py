@@ -163,7 +163,7 @@ def test_batch_weights_from_a_capture():
 def test_models_without_attention_modules_and_bad_layers_are_refused():
     with pytest.raises(CaptureError, match="no Hugging Face attention modules"):
         AttentionCapture(torch.nn.Sequential(torch.nn.Linear(2, 2)), CFG)
-    with pytest.raises(CaptureError, match=r"asks for layer\(s\) \[7\].*0\.\.3"):
+    with pytest.raises(CaptureError, match=r"layer 7: out of range, the model has layers 0\.\.3"):
         AttentionCapture(build("llama", "sdpa"), AnchorConfig(layers=[1, 7]))
 
 

@@ -1,5 +1,8 @@
 """Tiny offline assets: a byte-level BPE tokenizer and random Qwen3/Qwen2/Llama decoders.
 
+`tiny_arch_config` makes a tiny config of most other transformers decoder families too (the
+architecture tests of the capture, `docs/models.md`).
+
 Nothing here downloads anything. The tokenizer is trained with the `tokenizers` library on a
 small embedded corpus (arithmetic, GSM8K/MATH instructions, answer tags) and carries a
 Qwen-style (ChatML) chat template, so verl's `RLHFDataset` and agent loop treat it like a
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AutoModelForCausalLM,
     GenerationConfig,
     LlamaConfig,
@@ -39,6 +43,7 @@ __all__ = [
     "build_model",
     "build_tokenizer",
     "ensure_tiny_model",
+    "tiny_arch_config",
     "tiny_config",
 ]
 
@@ -167,6 +172,37 @@ def tiny_config(arch: str = "qwen3", **overrides: Any) -> PretrainedConfig:
         kwargs["head_dim"] = 16
     kwargs.update(overrides)
     return copy.deepcopy(_ARCHS[arch](**kwargs))
+
+
+# Fields that keep the other families tiny and valid: a few small experts (MoE), consistent MLA head sizes,
+# a hybrid pattern with attention layers among the first four. Unknown fields are ignored by a config.
+_TINY_MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                 topk_group=1, intermediate_size_mlp=64)
+_ARCH_EXTRAS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, head_dim=8),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  mamba_d_state=4, mamba_expand=1, mamba_dt_rank=4, use_mamba_kernels=False),
+    "lfm2": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "qwen3_next": dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, linear_conv_kernel_dim=2),
+}
+
+
+def tiny_arch_config(model_type: str, **overrides: Any) -> PretrainedConfig:
+    """A fresh tiny config of the transformers decoder family `model_type` (e.g. "gemma2", "jamba"): 4 layers,
+    4 query / 2 key-value heads of 16 dims, vocabulary 128, float32; `overrides` win."""
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"unknown model_type {model_type!r}: not a transformers config")
+    kwargs: dict[str, Any] = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+        dtype="float32", pad_token_id=0, bos_token_id=1, eos_token_id=2, **_TINY_MOE,
+    )
+    kwargs.update(_ARCH_EXTRAS.get(model_type, {}))
+    kwargs.update(overrides)
+    return CONFIG_MAPPING[model_type](**kwargs)
 
 
 def build_model(

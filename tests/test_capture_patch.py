@@ -1,0 +1,113 @@
+"""The attention-function patch is safe: nesting, re-entering, out-of-order exits and captures in two threads
+work or are refused clearly, and the last exit leaves `ALL_ATTENTION_FUNCTIONS` exactly as it was found."""
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from verl_anchor import AnchorConfig
+from verl_anchor.capture import AttentionCapture, CaptureError
+from verl_anchor.tiny import tiny_arch_config
+
+from test_capture import CFG, SEQS
+
+
+def build(arch="qwen3", impl="sdpa", seed=0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_arch_config(arch), attn_implementation=impl).eval()
+
+
+def registry():
+    return dict(ALL_ATTENTION_FUNCTIONS._local_mapping), dict(AttentionInterface._global_mapping)
+
+
+def captured(model, cfg=CFG, ids=SEQS[0]):
+    """Statistics of one forward of `ids`, under a fresh capture (the reference)."""
+    with torch.no_grad(), AttentionCapture(model, cfg) as capture:
+        model(torch.tensor([ids]), use_cache=False)
+    return capture.pop()
+
+
+def assert_same(stats, expected):
+    assert len(stats) == len(expected)
+    for got, want in zip(stats, expected):
+        torch.testing.assert_close(got.waad, want.waad, atol=0, rtol=0)
+        torch.testing.assert_close(got.fai, want.fai, atol=0, rtol=0, equal_nan=True)
+
+
+def test_entering_an_active_capture_is_refused_and_changes_nothing():
+    model, before = build(), registry()
+    ids = torch.tensor([SEQS[0]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with AttentionCapture(model, CFG) as capture:
+            with pytest.raises(CaptureError, match="already active"):
+                capture.__enter__()
+            model(ids)
+        assert len(capture.pop()) == 1
+        assert registry() == before
+        assert torch.equal(model(ids).logits, plain)  # later forwards unaffected (no RecursionError)
+
+
+def test_nested_captures_exit_in_any_order_restore_the_registry_and_free_the_model():
+    model, other, before = build(), build("llama", "eager", seed=1), registry()
+    expected = {"a": captured(model), "b": captured(model, AnchorConfig(layers=[0], window=4)),
+                "c": captured(other)}
+    ids, other_ids = torch.tensor([SEQS[0]]), torch.tensor([SEQS[0]])
+    a = AttentionCapture(model, CFG)
+    b = AttentionCapture(model, AnchorConfig(layers=[0], window=4))  # a second capture of the same model
+    c = AttentionCapture(other, CFG)  # another model, another implementation name
+    with torch.no_grad():
+        a.__enter__(), b.__enter__(), c.__enter__()
+        model(ids, use_cache=False)
+        other(other_ids, use_cache=False)
+        a.__exit__(None, None, None)  # out of order: a first, then c, then b
+        model(ids, use_cache=False)
+        c.__exit__(None, None, None)
+        b.__exit__(None, None, None)
+        a.__exit__(None, None, None)  # exiting twice is harmless
+    assert registry() == before
+    assert_same(a.pop(), expected["a"])
+    assert_same(b.pop(), expected["b"] * 2)
+    assert_same(c.pop(), expected["c"])
+    alive = weakref.ref(model), weakref.ref(other)
+    del model, other, a, b, c
+    gc.collect()
+    assert alive[0]() is None and alive[1]() is None, "the patch kept a model alive"
+
+
+def test_captures_of_two_models_in_two_threads():
+    models = [build("qwen3", "sdpa"), build("llama", "sdpa", seed=1)]  # one implementation name, shared
+    expected = [captured(model, ids=SEQS[i]) for i, model in enumerate(models)]
+    before, errors, start = registry(), [], threading.Barrier(2)
+
+    def work(i):
+        try:
+            start.wait()
+            for _ in range(15):
+                with torch.no_grad(), AttentionCapture(models[i], CFG) as capture:
+                    models[i](torch.tensor([SEQS[i]]), use_cache=False)
+                assert_same(capture.pop(), expected[i])
+        except Exception as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert registry() == before
+
+
+def test_exit_after_a_failed_forward_restores_the_registry():
+    model, before = build(), registry()
+    with pytest.raises(CaptureError, match="without a KV cache"):
+        with torch.no_grad(), AttentionCapture(model, CFG):
+            model.generate(torch.tensor([SEQS[2]]), max_new_tokens=2, do_sample=False)
+    assert registry() == before
