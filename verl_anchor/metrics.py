@@ -297,7 +297,11 @@ def _grouped_scores(q_chunk: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.bmm(grouped, keys.transpose(1, 2)).view(num_heads, chunk, width)
 
 
+# (device type, dtype) pairs with no fused kernel: only a definite "no kernel" is remembered.
 _FUSED_BROKEN: set[tuple[str, torch.dtype]] = set()
+# What torch says when no kernel serves a dtype: the dispatcher's "not implemented for 'Half'", the CPU
+# kernel's "Expected data type in FP32, ...", the CUDA memory-efficient kernel's "cutlassF: no kernel found".
+_NO_KERNEL = ("not implemented for", "expected data type", "no kernel found")
 
 
 def _prefix_moments(q_chunk: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -305,7 +309,8 @@ def _prefix_moments(q_chunk: torch.Tensor, keys: torch.Tensor, scale: float) -> 
 
     One fused attention call with values = distances (column 0 of V; kernels want V as wide as Q).
     Distances are measured from the band edge `ks`, not from 0, so float32 keeps them exact enough.
-    Returns None where no fused kernel serves this device/dtype; the caller then scores densely.
+    Returns None where no fused kernel serves this device/dtype, or when this call's kernel failed (an
+    out-of-memory error, say); the caller then scores densely. Only the first is remembered.
     """
     key = (q_chunk.device.type, q_chunk.dtype)
     if key in _FUSED_BROKEN:
@@ -316,8 +321,11 @@ def _prefix_moments(q_chunk: torch.Tensor, keys: torch.Tensor, scale: float) -> 
     try:
         out, lse = _fused_attention(q_chunk[None], keys[None], values.expand(1, num_kv, prefix_len, head_dim), scale)
     except (RuntimeError, NotImplementedError) as err:
-        logger.warning("no fused attention kernel for %s/%s (%s); using the dense chunked path", *key, err)
-        _FUSED_BROKEN.add(key)
+        if isinstance(err, NotImplementedError) or any(text in str(err).lower() for text in _NO_KERNEL):
+            logger.warning("no fused attention kernel for %s/%s (%s); using the dense chunked path", *key, err)
+            _FUSED_BROKEN.add(key)
+        else:  # transient (out of memory, ...): this call only
+            logger.warning("fused attention kernel failed for %s/%s (%s); dense path for this call", *key, err)
         return None
     return lse[0, :, : q_chunk.shape[1]].to(q_chunk.dtype), out[0, :, :, 0].to(q_chunk.dtype)
 
