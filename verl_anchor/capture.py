@@ -14,7 +14,7 @@ model's own `forward` may take `use_cache` or `position_ids` only through `**kwa
 (GraniteMoE). None of this changes the *decoder*: the transformers module that runs the decoder
 layers (`Qwen3Model`, `LlamaModel`, a VLM's `language_model`), found as `get_decoder()` of the
 outermost transformers model inside `model`. Its forward is always the library's own, with named
-parameters, and it receives exactly what transformers' masking reads. The capture hooks the
+parameters, and it receives the inputs its masking reads. The capture hooks the
 decoder (a forward pre-hook with kwargs and a forward hook), binds each call to the decoder's
 signature and folds `**kwargs` in, whatever the wrappers pass positionally or by keyword.
 
@@ -43,9 +43,10 @@ logit soft-capping (Gemma 2), 3-D mRoPE position ids (Qwen2-VL style), attention
 not go through transformers' attention functions (linear/lightning attention, differential
 attention, ALiBi models, ...), layers that are not softmax attention (mamba, convolution,
 linear-attention layers of hybrids), and sliding windows or attention chunks shorter than
-`max_length`. Each forward checks again what only the inputs show (a sequence longer than a
+`max_length`. Each forward checks again what only the inputs show: a sequence longer than a
 window, a row longer than an attention chunk, a KV cache, soft-capping or sinks passed to the
-attention function).
+attention function, and a mask that does not separate the sequences the capture found (a decoder
+that builds its mask its own way, as OPT does for packed rows, is refused, never misread).
 """
 
 from __future__ import annotations
@@ -87,10 +88,13 @@ def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
     return decoder if isinstance(decoder, torch.nn.Module) else root
 
 
-def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The self-attention modules of `model`'s decoder, by `layer_idx` (raises `CaptureError` if there are none)."""
+def attention_modules(model: torch.nn.Module, decoder: torch.nn.Module | None = None) -> dict[int, torch.nn.Module]:
+    """The self-attention modules of `model`'s decoder (`find_decoder`, unless given), by `layer_idx`.
+
+    Raises `CaptureError` if there are none.
+    """
     found: dict[int, torch.nn.Module] = {}
-    for name, module in find_decoder(model).named_modules():
+    for name, module in (find_decoder(model) if decoder is None else decoder).named_modules():
         layer_idx = getattr(module, "layer_idx", None)
         if isinstance(layer_idx, int) and name.split(".")[-1] in ("self_attn", "attention", "attn"):
             found.setdefault(layer_idx, module)
@@ -109,7 +113,7 @@ def capturable_layers(model: torch.nn.Module, max_length: int | None = None) -> 
     Raises `CaptureError` when the model as a whole cannot be captured (module doc).
     """
     decoder = find_decoder(model)
-    modules = attention_modules(model)
+    modules = attention_modules(model, decoder)
     _check_model(decoder.config, modules, getattr(decoder.config, "_attn_implementation", None) or "eager")
     _, limits = _layer_problems(decoder.config, modules, _num_layers(decoder.config, modules), max_length)
     return sorted(limits)
@@ -136,7 +140,7 @@ class AttentionCapture:
         self.max_length = max_length
         self.map_from = 0  # where the pooled maps start in each sequence (e.g. the response start)
         self.decoder = find_decoder(model)
-        modules = attention_modules(model)
+        modules = attention_modules(model, self.decoder)
         config = self.decoder.config
         self.implementation = getattr(config, "_attn_implementation", None) or "eager"
         num_layers = _num_layers(config, modules)
@@ -277,7 +281,6 @@ class AttentionCapture:
                 f"layer {layer} uses {kind} attention over {size} tokens, shorter than {what} ({extent}); "
                 f"choose full-attention layers with {_LAYERS_OPTION}, or keep sequences within {size} tokens"
             )
-
 
     def _check_mask(self, layer: int, mask: Any) -> None:
         """Refuse when the mask the attention function got does not separate the sequences the capture found
