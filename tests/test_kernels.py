@@ -80,6 +80,8 @@ def kernel_stats(q, k, cu, cfg, tile=triton_stats.TILE, inner=triton_stats.INNER
 def assert_matches_reference(q, k, cu, cfg, row_span, waad, fai):
     scale = q.shape[2] ** -0.5
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if a == b:
+            continue
         attn = dense_attention(q[:, a:b], k[:, a:b], scale)
         ref = reference_stats(attn, 0, cfg)
         offset = torch.arange(b - a)[:, None] - torch.arange(b - a)[None, :]
@@ -96,8 +98,9 @@ CASES = [
     ([2], 4, 1, 16, BOUNDED, 64, 64),  # N = 2: FAI undefined everywhere
     ([2], 4, 4, 16, ANALYSIS, 64, 64),  # N = 2, unbounded horizon
     ([110], 4, 1, 16, BOUNDED, 64, 64),  # band-sized: N = fai_h_lo + fai_h_hi
-    ([1, 2, 150, 37, 300, 64], 8, 2, 24, BOUNDED, 64, 64),  # mixed lengths, GQA 4:1, D not a power of 2
-    ([1, 2, 150, 37, 300, 64], 8, 2, 24, ANALYSIS, 64, 64),
+    ([1, 0, 2, 150, 37, 300, 64], 8, 2, 24, BOUNDED, 64, 64),  # mixed lengths, GQA 4:1, D not a power of 2
+    ([1, 0, 2, 150, 37, 300, 64], 8, 2, 24, ANALYSIS, 64, 64),
+    ([0, 0], 2, 1, 16, BOUNDED, 64, 64),  # no tokens at all
     ([70, 129, 33], 8, 1, 16, BOUNDED, 16, 16),  # GQA 8:1; small tiles: far, near and diagonal key tiles
     ([70, 129, 33], 8, 1, 16, ANALYSIS, 32, 16),  # a query tile of two key steps: two diagonal steps
     ([90], 2, 2, 16, AnchorConfig(fai_h_lo=3, fai_h_hi=5, window=20), 16, 16),  # window > tile, band < window
@@ -148,3 +151,8 @@ def test_dispatch_to_kernels_matches_torch_path(monkeypatch):
     assert torch.equal(ours.local_heads, theirs.local_heads) and torch.equal(ours.global_heads, theirs.global_heads)
     torch.testing.assert_close(ours.waad, theirs.waad, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.fai, theirs.fai, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_no_sequences_launches_nothing():
+    q, k, cu = packed_inputs([], 2, 1, 16)
+    assert [x.shape for x in kernel_stats(q, k, cu, BOUNDED)] == [(2, 0)] * 3

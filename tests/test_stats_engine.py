@@ -53,13 +53,14 @@ def test_packed_stats_equal_per_sequence_token_stats_and_reference(cfg):
     q, k, cu = packed_inputs(LENGTHS)
     stats = packed_token_stats(q, k, cu, cfg)
     assert stats.row_span.shape == stats.waad.shape == stats.fai.shape == (8, sum(LENGTHS))
-    for a, b in sequences_of(cu):
+    per_sequence = stats.to_token_stats()
+    assert [s.waad.shape[1] for s in per_sequence] == LENGTHS
+    for (a, b), mine in zip(sequences_of(cu), per_sequence):
         if b == a:
             continue
         single = token_stats(q[:, a:b], k[:, a:b], cfg)
         for name in ("row_span", "waad", "fai"):
-            torch.testing.assert_close(getattr(stats, name)[:, a:b], getattr(single, name), atol=0, rtol=0,
-                                       equal_nan=True)
+            torch.testing.assert_close(getattr(mine, name), getattr(single, name), atol=0, rtol=0, equal_nan=True)
         ref = reference_stats(dense_attention(q[:, a:b], k[:, a:b]), 0, cfg)
         torch.testing.assert_close(stats.waad[:, a:b].double(), ref.waad, atol=1e-5, rtol=0)
         torch.testing.assert_close(stats.fai[:, a:b].double(), ref.fai, atol=1e-5, rtol=0, equal_nan=True)

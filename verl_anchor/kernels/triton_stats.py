@@ -147,6 +147,8 @@ def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: 
     q, k = _unit_last_stride(q), _unit_last_stride(k)
     row_span, waad, fai, lse2 = (torch.empty(num_heads, num_tokens, dtype=torch.float32, device=q.device)
                                  for _ in range(4))
+    if tiles.shape[0] == 0 or num_heads == 0:  # nothing to launch (T = 0 and no sequences)
+        return row_span, waad, fai
     common = dict(GROUP=num_heads // k.shape[0], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_tokens, scale * _LOG2E)
