@@ -1,15 +1,17 @@
 """The Triton kernels compile for the GPU (sm_90, bf16) without one: triton's frontend, LLVM and the ptxas
 its wheel ships run on CPU. The interpreter tests (test_kernels.py) check the numbers, not that the code
-lowers; this catches what only the compiler rejects. In a subprocess: test_kernels.py loads the
-kernels in interpreter mode in this process."""
+lowers; this catches what only the compiler rejects. In a subprocess, so that TRITON_INTERPRET is
+unset however this process was started."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-pytest.importorskip("triton")
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
 
 COMPILE = """
 import triton
