@@ -12,9 +12,11 @@ Two passes per captured layer, each one launch for every sequence and head of a 
 
 Tiles start at each sequence's first token (see `PackedSequences.tiles`), so a sequence's numbers
 do not depend on what else is packed around it. GQA: query head h reads key head h // (Hq / Hkv)
-in place. Scores accumulate in float32; the running sums across key tiles in float64, which keeps
-the row span of long sequences within ~1e-7 relative at the cost of a few float64 operations per
-row and tile. Distances are exact integers `t - s` within a sequence, never absolute positions.
+in place. Scores and each tile's sums are float32; the running sums across key tiles are float64,
+so their rounding does not grow with the number of tiles (a few float64 operations per row and
+tile; at 8k tokens the mean span of a sequence came within 3e-9 relative of float64 in the
+interpreter, the per-token spans within 2e-6, set by the float32 scores). Distances are exact
+integers `t - s` within a sequence, never absolute positions.
 """
 
 from __future__ import annotations
