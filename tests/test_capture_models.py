@@ -113,13 +113,13 @@ def test_architecture_matches_its_own_eager_attention(arch):
      r"layer 0: sliding attention over 8 tokens.*can read are \[1, 3\]"),
     ("gemma3_text", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2}, None,
      r"sliding attention over 8 tokens.*can read are \[1, 3\]"),
-    ("minimax", {}, [1], r"layer 1: MiniMaxLightningAttention does not call transformers' attention functions"
+    ("minimax", {}, [1], r"layer 1: MiniMaxLightningAttention does not go through transformers' attention functions"
                          r".*can read are \[0, 2\]"),
     ("qwen3_next", {}, None, r"layer 1: a linear_attention layer, not attention.*can read are \[3\]"),
     ("jamba", {}, None, r"layer 2: a mamba layer, not attention.*can read are \[1, 3\]"),
     ("lfm2", {}, [2], r"layer 2: a conv layer, not attention.*can read are \[1, 3\]"),
-    ("diffllama", {}, [1], r"DiffLlama\w*Attention does not call transformers' attention functions"),
-    ("nemotron", {}, [1], r"Nemotron\w*Attention does not call transformers' attention functions"),
+    ("diffllama", {}, [1], r"DiffLlama\w*Attention does not go through transformers' attention functions"),
+    ("nemotron", {}, [1], r"Nemotron\w*Attention does not go through transformers' attention functions"),
 ])
 def test_unmodelled_attention_is_refused_when_the_capture_is_built(arch, overrides, layers, reason):
     model = build(arch, **overrides)

@@ -114,8 +114,10 @@ def capturable_layers(model: torch.nn.Module, max_length: int | None = None) -> 
     """
     decoder = find_decoder(model)
     modules = attention_modules(model, decoder)
-    _check_model(decoder.config, modules, getattr(decoder.config, "_attn_implementation", None) or "eager")
-    _, limits = _layer_problems(decoder.config, modules, _num_layers(decoder.config, modules), max_length)
+    implementation = getattr(decoder.config, "_attn_implementation", None) or "eager"
+    _check_model(decoder.config, implementation)
+    _, limits = _layer_problems(decoder.config, modules, _num_layers(decoder.config, modules), max_length,
+                                implementation)
     return sorted(limits)
 
 
@@ -145,8 +147,8 @@ class AttentionCapture:
         self.implementation = getattr(config, "_attn_implementation", None) or "eager"
         num_layers = _num_layers(config, modules)
         self.layers = list(cfg.layers) if cfg.layers is not None else select_layers(num_layers, cfg.num_layers)
-        _check_model(config, modules, self.implementation)
-        problems, self._limits = _layer_problems(config, modules, num_layers, max_length)
+        _check_model(config, self.implementation)
+        problems, self._limits = _layer_problems(config, modules, num_layers, max_length, self.implementation)
         bad = [layer for layer in self.layers if layer not in self._limits]
         if bad:
             raise CaptureError(_layers_message(self.layers, bad, problems, num_layers, cfg.num_layers))
@@ -381,7 +383,7 @@ def _eager_default(attention_class: type) -> Callable | None:
     return inspect.unwrap(attention_class.forward).__globals__.get("eager_attention_forward")
 
 
-def _check_model(config: Any, modules: dict[int, torch.nn.Module], implementation: str) -> None:
+def _check_model(config: Any, implementation: str) -> None:
     """Refuse what no layer choice can fix."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     ropes = list(rope.values()) + [rope] if isinstance(rope, dict) else []  # also per-layer-type dicts
@@ -396,18 +398,13 @@ def _check_model(config: Any, modules: dict[int, torch.nn.Module], implementatio
             f"{config.attn_logit_softcapping}): the statistics assume plain softmax(q.k) attention; use a model "
             "without soft-capping"
         )
-    if implementation == "eager":
-        module = next(iter(modules.values()))
-        if _eager_default(type(module)) is None:
-            raise CaptureError(f"{type(module).__name__}.forward has no eager_attention_forward to fall back to; "
-                               "load the model with attn_implementation='sdpa'")
-    elif implementation not in ALL_ATTENTION_FUNCTIONS:
+    if implementation != "eager" and implementation not in ALL_ATTENTION_FUNCTIONS:
         raise CaptureError(f"attn_implementation={implementation!r} is not registered in transformers' "
                            "AttentionInterface; use eager, sdpa or flash_attention_2")
 
 
 def _layer_problems(
-    config: Any, modules: dict[int, torch.nn.Module], num_layers: int, max_length: int | None
+    config: Any, modules: dict[int, torch.nn.Module], num_layers: int, max_length: int | None, implementation: str
 ) -> tuple[dict[int, str], dict[int, tuple[str, int | None]]]:
     """Why each layer that cannot be captured cannot, and each capturable layer's (kind, extent limit)."""
     layer_types = getattr(config, "layer_types", None)
@@ -421,10 +418,14 @@ def _layer_problems(
             continue
         forward = inspect.unwrap(type(module).forward)
         if "ALL_ATTENTION_FUNCTIONS" not in getattr(getattr(forward, "__code__", None), "co_names", ()):
-            problems[layer] = (f"{type(module).__name__} does not call transformers' attention functions "
-                               "(linear, recurrent or otherwise non-softmax attention)")
+            problems[layer] = (f"{type(module).__name__} does not go through transformers' attention functions "
+                               "(its own attention code: linear or lightning attention, differential attention, "
+                               "ALiBi, or an older modeling file)")
         elif kind is not None and kind not in _ATTENTION_KINDS:
             problems[layer] = f"a {kind} layer, not softmax attention"
+        elif implementation == "eager" and _eager_default(type(module)) is None:
+            problems[layer] = (f"{type(module).__name__} has no eager_attention_forward to fall back to; load the "
+                               "model with attn_implementation='sdpa'")
         elif isinstance(getattr(module, "sinks", None), torch.Tensor):
             problems[layer] = (f"attention sinks ({type(module).__name__}.sinks): part of each row's attention "
                                "goes to a learned sink, so rows do not sum to 1")
