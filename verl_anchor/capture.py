@@ -364,8 +364,8 @@ def _dispatcher(original: Callable | None) -> Callable:
     (None: the eager function of the module's own modeling file, as transformers falls back to)."""
 
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any):
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")  # args: (value, attention_mask, ...)
         for capture in _REGISTRY.active:
-            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")  # (value, attention_mask, ...)
             capture._observe(module, query, key, mask, kwargs)
         function = original or _eager_default(type(module))
         return function(module, query, key, *args, **kwargs)
@@ -452,10 +452,11 @@ def _extent_limit(config: Any, module: torch.nn.Module, kind: str | None) -> tup
 def _layers_message(selected: list[int], bad: list[int], problems: dict[int, str], num_layers: int,
                     wanted: int) -> str:
     available = [layer for layer in range(num_layers) if layer not in problems]
-    reasons = "; ".join(f"layer {layer}: {problems.get(layer, f'out of range, the model has layers 0..{num_layers - 1}')}"
-                        for layer in bad)
+    out_of_range = f"out of range, the model has layers 0..{num_layers - 1}"
+    reasons = "; ".join(f"layer {layer}: {problems.get(layer, out_of_range)}" for layer in bad)
     if not available:
-        return f"layers={selected} cannot be captured ({reasons}), and no layer of this model can"
+        return (f"layers={selected} cannot be captured ({reasons}), and no layer of this model can; use a model "
+                "from the table in docs/models.md")
     middle = [layer for layer in available if num_layers // 3 <= layer <= (2 * num_layers) // 3] or available
     step = max(1, len(middle) // wanted)
     return (f"layers={selected} cannot be captured ({reasons}). The layers the capture can read are {available}; "
