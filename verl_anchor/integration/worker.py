@@ -75,11 +75,14 @@ class AnchorTrainingWorker(TrainingWorker):
     """verl's TrainingWorker whose `infer_batch` also computes anchor statistics when asked to."""
 
     _captures: dict[AnchorConfig, AttentionCapture]
+    # Longest sequence the rollout can produce (prompt + response), set at start-up by `anchor_prepare`:
+    # the capture refuses sliding windows or attention chunks shorter than it before any rollout.
+    max_length: int | None = None
 
     def capture_for(self, cfg: AnchorConfig) -> AttentionCapture:
         captures = self.__dict__.setdefault("_captures", {})
         if cfg not in captures:
-            captures[cfg] = AttentionCapture(self.engine.module, cfg)
+            captures[cfg] = AttentionCapture(self.engine.module, cfg, max_length=self.max_length)
         return captures[cfg]
 
     def infer_batch(self, data: TensorDict) -> TensorDict:  # called directly by compute_log_prob, not over RPC
@@ -109,6 +112,8 @@ class AnchorWorkerMixin:
     def anchor_prepare(self, options: dict) -> list[int]:
         """Build the capture on the real actor module once, at start-up: a model the capture cannot
         handle or layers it does not have fail here, before any rollout. Returns the captured layers."""
+        rollout = self.config.rollout
+        self.actor.max_length = int(rollout.prompt_length) + int(rollout.response_length)
         return self.actor.capture_for(AnchorConfig.from_mapping(options)).layers
 
 
