@@ -4,7 +4,8 @@ A micro-batch is packed along the token axis: `q (Hq, T, D)`, `k (Hkv, T, D)` an
 (sequence i is tokens `cu_seqlens[i]:cu_seqlens[i+1]`, `cu_seqlens[0] = 0`, `cu_seqlens[-1] = T`).
 
 * `packed_token_stats` gives every sequence's per-token statistics (`metrics.TokenStats` with
-  `first = 0`, side by side along the token axis). This module is the one place that dispatches by
+  `first = 0`, side by side along the token axis); `verl_anchor.capture` calls it once per captured
+  layer per forward. This module is the one place that dispatches by
   device (`select_backend`): CUDA tensors go to the Triton kernels of `kernels.triton_stats` (two
   launches per call, whatever the number or length of the sequences); everything else to
   `metrics.token_stats`, looped over the sequences on the host. `metrics.reference_stats` is the
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import GroupSignals, TokenStats, token_stats
+from verl_anchor.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, token_stats
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SPAN_FIXED_POINT = 2.0**24  # resolution of the exact (integer) span sums: ~6e-8 tokens
@@ -48,6 +49,8 @@ class PackedSequences:
 
     cu_seqlens: torch.Tensor  # (S+1,) int64 on the tokens' device
     num_tokens: int  # T
+    # The same boundaries on the host, where the caller has them; else read on first use of `bounds`.
+    host_bounds: tuple[int, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
     _tiles: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +62,13 @@ class PackedSequences:
     @property
     def num_sequences(self) -> int:
         return self.cu_seqlens.numel() - 1
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        """`cu_seqlens` on the host: read from the device once (one sync), then cached. For host-side consumers."""
+        if self.host_bounds is None:
+            object.__setattr__(self, "host_bounds", tuple(self.cu_seqlens.tolist()))
+        return self.host_bounds
 
     def tiles(self, tile: int) -> torch.Tensor:
         """`(P, 3)` int32 `(sequence start, sequence end, tile start)` of every `tile`-token tile.
@@ -113,9 +123,18 @@ class PackedTokenStats:
 
     def to_token_stats(self) -> list[TokenStats]:
         """One `TokenStats` per sequence (views). Reads the boundaries on the host: for CPU-side consumers."""
-        bounds = self.sequences.cu_seqlens.tolist()
+        bounds = self.sequences.bounds
         return [TokenStats(row_span=self.row_span[:, a:b], waad=self.waad[:, a:b], fai=self.fai[:, a:b])
                 for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def first_sequences(self, num_sequences: int, num_tokens: int) -> "PackedTokenStats":
+        """The statistics of the first `num_sequences` sequences, which end at token `num_tokens` (the caller
+        knows where: nothing is read from the device). Drops e.g. the padding a packed row ends with."""
+        bounds = self.sequences.host_bounds
+        sequences = PackedSequences(self.sequences.cu_seqlens[: num_sequences + 1], num_tokens,
+                                    host_bounds=None if bounds is None else bounds[: num_sequences + 1])
+        return dataclasses.replace(self, row_span=self.row_span[:, :num_tokens], waad=self.waad[:, :num_tokens],
+                                   fai=self.fai[:, :num_tokens], sequences=sequences)
 
 
 @dataclasses.dataclass
@@ -164,6 +183,7 @@ def packed_token_stats(
     scale: float | None = None,
     head_offset: int = 0,
     num_heads_total: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> PackedTokenStats:
     """Per-token statistics of every sequence of a packed micro-batch, from post-RoPE `q (Hq, T, D)`, `k (Hkv, T, D)`.
 
@@ -171,6 +191,7 @@ def packed_token_stats(
     and shared by the layers. `q` holds query heads `head_offset ..` of `num_heads_total` (default: all
     of them, `Hq`); query head h reads key head h // (Hq / Hkv). Float32 results (float64 inputs stay
     float64 on the torch path); `fai` is divided by |T(s)| within each sequence, NaN where T(s) is empty.
+    `chunk_size`: queries per step of the torch path (`metrics.token_stats`); the kernels have their own tiles.
     """
     sequences = cu_seqlens if isinstance(cu_seqlens, PackedSequences) else PackedSequences(cu_seqlens, q.shape[1])
     _check_inputs(q, k, sequences)
@@ -186,7 +207,7 @@ def packed_token_stats(
         row_span, waad, fai = triton_stats.packed_stats(q, k, sequences.tiles(triton_stats.TILE), cfg.window,
                                                         cfg.fai_h_lo, cfg.fai_h_hi, scale)
     else:
-        row_span, waad, fai = _per_sequence_stats(q, k, sequences, cfg, scale)
+        row_span, waad, fai = _per_sequence_stats(q, k, sequences, cfg, scale, chunk_size)
     return PackedTokenStats(row_span=row_span, waad=waad, fai=fai, sequences=sequences, head_offset=head_offset,
                             num_heads_total=total)
 
@@ -305,16 +326,16 @@ def packed_response_signals(
 
 
 def _per_sequence_stats(q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences, cfg: AnchorConfig,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        scale: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch path: `metrics.token_stats` of each sequence, written into packed outputs."""
-    bounds = sequences.cu_seqlens.tolist()
+    bounds = sequences.bounds  # read once per PackedSequences, shared by the layers of a forward
     if bounds[0] != 0 or bounds[-1] != sequences.num_tokens or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T = {sequences.num_tokens}, got {bounds}")
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {sequences.num_tokens}, got {list(bounds)}")
     dtype = torch.promote_types(q.dtype, torch.float32)
     out = torch.empty(3, q.shape[0], q.shape[1], dtype=dtype, device=q.device)
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
-            stats = token_stats(q[:, a:b], k[:, a:b], cfg, scale=scale)
+            stats = token_stats(q[:, a:b], k[:, a:b], cfg, scale=scale, chunk_size=chunk_size)
             out[0, :, a:b], out[1, :, a:b], out[2, :, a:b] = stats.row_span, stats.waad, stats.fai
     return out[0], out[1], out[2]
 
