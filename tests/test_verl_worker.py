@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 from tensordict import TensorDict
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from verl_anchor import AnchorConfig
 from verl_anchor.capture import AttentionCapture
 from verl_anchor.integration.worker import anchor_outputs
-from verl_anchor.metrics import attention_stats, group_signals, token_stats
+from verl_anchor.metrics import group_signals
 from verl_anchor.tiny import tiny_config
 
 PROMPTS = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
@@ -19,27 +20,33 @@ RESPONSES = [list(range(20, 45)), [50], list(range(60, 78))]
 CFG = AnchorConfig(layers=[1, 2], fai_h_lo=2, fai_h_hi=8, window=4)
 
 
-def micro_batch():
-    seqs = [p + r for p, r in zip(PROMPTS, RESPONSES)]
+def micro_batch(prompts=PROMPTS, responses=RESPONSES):
+    seqs = [p + r for p, r in zip(prompts, responses)]
     data = TensorDict({
         "input_ids": torch.nested.as_nested_tensor([torch.tensor(s) for s in seqs], layout=torch.jagged),
-        "response_mask": torch.nested.as_nested_tensor([torch.ones(len(r)) for r in RESPONSES], layout=torch.jagged),
+        "response_mask": torch.nested.as_nested_tensor([torch.ones(len(r)) for r in responses], layout=torch.jagged),
     }, batch_size=[len(seqs)])
     return seqs, data
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_anchor_outputs_match_per_sequence_statistics(layout):
+@pytest.fixture(scope="module")
+def model():
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(tiny_config("qwen3", num_hidden_layers=4, vocab_size=128)),
-                                             attn_implementation="sdpa").eval()
-    seqs, data = micro_batch()
+    return AutoModelForCausalLM.from_config(copy.deepcopy(tiny_config("qwen3", num_hidden_layers=4, vocab_size=128)),
+                                            attn_implementation="sdpa").eval()
+
+
+def captured_forward(model, seqs, layout):
+    """One forward of the micro-batch under a capture, the way verl's engine feeds it."""
     capture = AttentionCapture(model, CFG)
     with torch.no_grad(), capture:
-        if layout == "packed":  # what verl's engine feeds with use_remove_padding=True
-            ids = torch.tensor([sum(seqs, [])])
-            positions = torch.tensor([sum((list(range(len(s))) for s in seqs), [])])
-            model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False)
+        if layout.startswith("packed"):  # use_remove_padding=True
+            ids = sum(seqs, [])
+            positions = sum((list(range(len(s))) for s in seqs), [])
+            if layout == "packed, padded tail":  # padding after the last sequence forms trailing segments
+                ids, positions = ids + [0] * 5, positions + list(range(5))
+            model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), attention_mask=None,
+                  use_cache=False)
         else:  # use_remove_padding=False: right padding with a 2-D mask
             width = max(map(len, seqs))
             ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -47,13 +54,24 @@ def test_anchor_outputs_match_per_sequence_statistics(layout):
             for row, s in enumerate(seqs):
                 ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-    model_output = {"log_probs": torch.nested.as_nested_tensor([torch.zeros(len(s)) for s in seqs],
-                                                                layout=torch.jagged)}
+    return capture
+
+
+def log_probs(seqs):
+    return {"log_probs": torch.nested.as_nested_tensor([torch.zeros(len(s)) for s in seqs], layout=torch.jagged)}
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed, padded tail", "padded"])
+def test_anchor_outputs_match_per_sequence_statistics(model, layout):
+    seqs, data = micro_batch()
+    capture = captured_forward(model, seqs, layout)
+    model_output = log_probs(seqs)
     loss, metrics = anchor_outputs(model_output, data, None, capture=capture, cfg=CFG)
     assert float(loss) == 0.0 and metrics == {}
     waad = model_output["anchor_waad"].unbind()
     fai = model_output["anchor_fai"].unbind()
     per_seq = model_output["anchor_seq"].unbind()
+    assert len(waad) == len(fai) == len(per_seq) == len(seqs)
     # Reference: each sequence alone, q/k taken from a capture of its own forward.
     for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
         alone = AttentionCapture(model, CFG)
@@ -64,15 +82,52 @@ def test_anchor_outputs_match_per_sequence_statistics(layout):
         assert waad[i].shape == (len(response),)  # one value per response token, at its own position
         torch.testing.assert_close(waad[i], expected.waad, atol=1e-5, rtol=0)
         torch.testing.assert_close(fai[i], expected.fai, atol=1e-5, rtol=0, equal_nan=True)
+        assert per_seq[i].shape == (3,)
         assert per_seq[i][:2].tolist() == pytest.approx([expected.span_loc, expected.span_glob], rel=1e-5)
         assert per_seq[i][2] >= 0
     assert math.isnan(fai[1][0])  # a 1-token response has no FAI horizon
 
 
-def test_mismatched_segments_are_an_error_not_a_silent_misalignment():
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(tiny_config("qwen3", num_hidden_layers=4, vocab_size=128)),
-                                             attn_implementation="sdpa").eval()
+class HostReads(TorchDispatchMode):
+    """Counts what reads tensor data on the host: `.item()`/`bool()`/`int()`, data-dependent shapes,
+    `torch.equal`, and `.tolist()` (patched while active)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "equal"}
+
+    def __enter__(self):
+        self.count, self._tolist = 0, torch.Tensor.tolist
+
+        def tolist(tensor):
+            self.count += 1
+            return self._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_anchor_outputs_host_reads_do_not_grow_with_the_sequences(model, layout):
+    """One read per micro-batch checks the sequences; on CPU tensors only, the engine also validates the response
+    lengths (two reads)."""
+    reads = []
+    for copies in (1, 4):
+        seqs, data = micro_batch(PROMPTS * copies, RESPONSES * copies)
+        capture = captured_forward(model, seqs, layout)
+        with HostReads() as counter:
+            anchor_outputs(log_probs(seqs), data, None, capture=capture, cfg=CFG)
+        reads.append(counter.count)
+    assert reads[0] == reads[1] <= 3
+
+
+def test_mismatched_segments_are_an_error_not_a_silent_misalignment(model):
     seqs, data = micro_batch()
     capture = AttentionCapture(model, CFG)
     with torch.no_grad(), capture:  # one unsplit row instead of three sequences

@@ -33,7 +33,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from verl_anchor.capture import AttentionCapture
 from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import response_signals
+from verl_anchor.stats_engine import PackedTokenStats, packed_response_signals
 
 ANCHOR_OPTIONS_KEY = "anchor_cfg"  # extra_info key the trainer sets for the old-log-prob call
 OUTPUT_KEYS = ("anchor_waad", "anchor_fai", "anchor_seq")
@@ -41,34 +41,45 @@ OUTPUT_KEYS = ("anchor_waad", "anchor_fai", "anchor_seq")
 
 def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture: AttentionCapture,
                    cfg: AnchorConfig) -> tuple[torch.Tensor, dict]:
-    """The stand-in "loss" of the statistics pass: writes the per-token anchor outputs of a micro-batch."""
+    """The stand-in "loss" of the statistics pass: writes the per-token anchor outputs of a micro-batch.
+
+    All responses at once (`stats_engine.packed_response_signals`) on the statistics' device; one host
+    sync per micro-batch, to check that the captured sequences are the micro-batch's.
+    """
     start = time.perf_counter()
-    stats = capture.pop()
-    seq_lens = data["input_ids"].offsets().diff().tolist()
-    resp_lens = data["response_mask"].offsets().diff().tolist()
-    # Packed inputs may carry padding after the last sequence; it forms extra trailing segments.
-    if len(stats) < len(seq_lens) or [s.waad.shape[1] for s in stats[: len(seq_lens)]] != seq_lens:
-        raise RuntimeError(
-            f"captured sequences {[s.waad.shape[1] for s in stats]} do not match the micro-batch's sequence "
-            f"lengths {seq_lens}; the capture cannot tell the sequences of this input layout apart"
-        )
-    waad, fai, per_seq = [], [], []
-    for seq_stats, resp_len in zip(stats, resp_lens):
-        signals = response_signals(seq_stats, resp_len, cfg)
-        waad.append(signals.waad.float().cpu())
-        fai.append(signals.fai.float().cpu())
-        per_seq.append(torch.tensor([signals.span_loc, signals.span_glob]))
-    seconds = (capture.seconds + time.perf_counter() - start) / max(1, len(seq_lens))
+    stats = _micro_batch_stats(capture.pop_packed(), data)
+    device = stats.row_span.device
+    responses = data["response_mask"]
+    signals = packed_response_signals(stats, responses.offsets().diff().to(device), cfg,
+                                      num_response_tokens=responses.values().shape[0])
+    num_sequences = stats.sequences.num_sequences
+    seconds = (capture.seconds + time.perf_counter() - start) / max(1, num_sequences)
     capture.seconds = 0.0
-    device = model_output["log_probs"].device if "log_probs" in model_output else torch.device("cpu")
-    model_output["anchor_waad"] = _nested(waad, device)
-    model_output["anchor_fai"] = _nested(fai, device)
-    model_output["anchor_seq"] = _nested([torch.cat([p, torch.tensor([seconds])]) for p in per_seq], device)
-    return torch.zeros((), device=device), {}
+    out = model_output["log_probs"].device if "log_probs" in model_output else torch.device("cpu")
+    per_sequence = torch.stack([signals.span_loc, signals.span_glob, torch.full_like(signals.span_loc, seconds)], 1)
+    model_output["anchor_waad"] = _nested(signals.waad, signals.cu_response, out)
+    model_output["anchor_fai"] = _nested(signals.fai, signals.cu_response, out)
+    model_output["anchor_seq"] = _nested(per_sequence.flatten(), torch.arange(num_sequences + 1, device=device) * 3,
+                                         out)
+    return torch.zeros((), device=out), {}
 
 
-def _nested(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.nested.as_nested_tensor([t.float().to(device) for t in tensors], layout=torch.jagged)
+def _micro_batch_stats(forwards: list[PackedTokenStats], data: TensorDict) -> PackedTokenStats:
+    """The captured statistics of the micro-batch's sequences, after checking that they are its sequences."""
+    lengths = data["input_ids"].offsets().diff()
+    captured = [stats.sequences.cu_seqlens.diff() for stats in forwards]
+    # Packed inputs may carry padding after the last sequence; it forms extra trailing segments.
+    if len(forwards) != 1 or captured[0].numel() < lengths.numel() or not torch.equal(
+            captured[0][: lengths.numel()], lengths.to(captured[0].device)):  # the one host sync
+        raise RuntimeError(
+            f"captured sequences {[c.tolist() for c in captured]} (per forward) do not match the micro-batch's "
+            f"sequence lengths {lengths.tolist()}; the capture cannot tell the sequences of this input layout apart"
+        )
+    return forwards[0].first_sequences(lengths.numel(), data["input_ids"].values().shape[0])
+
+
+def _nested(values: torch.Tensor, offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.nested.nested_tensor_from_jagged(values.float().to(device), offsets=offsets.to(device))
 
 
 class AnchorTrainingWorker(TrainingWorker):
