@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from tensordict import TensorDict
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from verl_anchor import AnchorConfig
@@ -14,6 +13,8 @@ from verl_anchor.capture import AttentionCapture
 from verl_anchor.integration.worker import anchor_outputs
 from verl_anchor.metrics import group_signals
 from verl_anchor.tiny import tiny_config
+
+from test_capture_engine import HostReads
 
 PROMPTS = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
 RESPONSES = [list(range(20, 45)), [50], list(range(60, 78))]
@@ -86,31 +87,6 @@ def test_anchor_outputs_match_per_sequence_statistics(model, layout):
         assert per_seq[i][:2].tolist() == pytest.approx([expected.span_loc, expected.span_glob], rel=1e-5)
         assert per_seq[i][2] >= 0
     assert math.isnan(fai[1][0])  # a 1-token response has no FAI horizon
-
-
-class HostReads(TorchDispatchMode):
-    """Counts what reads tensor data on the host: `.item()`/`bool()`/`int()`, data-dependent shapes,
-    `torch.equal`, and `.tolist()` (patched while active)."""
-
-    READS = {"_local_scalar_dense", "nonzero", "equal"}
-
-    def __enter__(self):
-        self.count, self._tolist = 0, torch.Tensor.tolist
-
-        def tolist(tensor):
-            self.count += 1
-            return self._tolist(tensor)
-
-        torch.Tensor.tolist = tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
