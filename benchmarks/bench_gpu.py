@@ -9,9 +9,9 @@ Prints, in one run:
    horizons) in bf16, fp16 and float32, against the dense float64 formulas (`metrics.reference_stats`):
    WAAD and FAI within 1e-5, mean span within 1e-6 relative; one 8k sequence's spans; two runs bitwise
    equal; a sequence alone and packed among others bitwise equal;
-2. a random Qwen3-4B-shaped model (36 layers, bf16): the decoder's forward alone vs forward + the
-   statistics of 5 layers (batched kernels, then the worker's per-response signals) on 16 x 1k and
-   2 x 8k tokens, as a ratio, and the peak GPU memory the statistics add;
+2. a random Qwen3-4B-shaped model (36 layers, bf16): the decoder's forward alone vs forward under
+   `AttentionCapture` (5 layers, one batched call per layer) and the worker's per-response signals,
+   on 16 x 1k and 2 x 8k tokens, as a ratio, and the peak GPU memory the statistics add;
 3. the kernels alone vs one layer's attention forward, as a ratio.
 
 The baseline forward uses the fastest layout available: flash_attention_2 on the packed (varlen)
@@ -44,13 +44,13 @@ if importlib.util.find_spec("triton") is None:
     unusable("triton is not installed: the statistics' GPU path needs it (pip install triton)")
 
 from verl_anchor import AnchorConfig  # noqa: E402
-from verl_anchor.metrics import reference_stats, select_layers  # noqa: E402
+from verl_anchor.capture import AttentionCapture  # noqa: E402
+from verl_anchor.metrics import reference_stats  # noqa: E402
 from verl_anchor.stats_engine import (  # noqa: E402
     PackedSequences,
     packed_response_signals,
     packed_token_stats,
     select_backend,
-    stack_layers,
 )
 
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -168,40 +168,10 @@ def build_model():
     return model.eval(), implementation
 
 
-class StatisticsHook:
-    """Statistics of the chosen layers from the q, k the model's attention function receives.
-
-    A stand-in for `AttentionCapture` until the capture calls the batched engine.
-    """
-
-    def __init__(self, implementation: str, layers: list[int], cfg: AnchorConfig) -> None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        self.mapping, self.implementation = ALL_ATTENTION_FUNCTIONS, implementation
-        self.original = ALL_ATTENTION_FUNCTIONS[implementation]
-        self.layers, self.cfg = set(layers), cfg
-        self.sequences: PackedSequences | None = None
-        self.per_layer = []
-
-    def __enter__(self) -> "StatisticsHook":
-        self.mapping[self.implementation] = self.attention
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.mapping[self.implementation] = self.original
-
-    def attention(self, module, query, key, *args, **kwargs):
-        if self.sequences is not None and module.layer_idx in self.layers:
-            # (B, H, L, D) -> (H, B * L, D): a view for one packed row, a copy for a batch of rows
-            q = query.transpose(0, 1).reshape(query.shape[1], -1, query.shape[3])
-            k = key.transpose(0, 1).reshape(key.shape[1], -1, key.shape[3])
-            self.per_layer.append(packed_token_stats(q, k, self.sequences, self.cfg, scale=kwargs.get("scaling")))
-        return self.original(module, query, key, *args, **kwargs)
-
-
 def model_overhead() -> None:
     model, implementation = build_model()
-    layers = select_layers(QWEN3_4B["num_hidden_layers"], 5)
+    cfg = AnchorConfig()
+    capture = AttentionCapture(model, cfg, max_length=max(length for _, length in BATCHES.values()))
     force_flash, layout = implementation == "sdpa", "flash_attention_2 on the packed micro-batch (varlen)"
     if force_flash:
         layout = "sdpa, equal-length sequences batched, flash backend forced (flash-attn not installed)"
@@ -212,10 +182,8 @@ def model_overhead() -> None:
             force_flash = False
             layout = f"sdpa, equal-length sequences batched, backend left to torch (flash refused: {err})"[:200]
     print(f"\n2. random Qwen3-4B-shaped model (36 layers, bf16), decoder forward (no lm_head), "
-          f"statistics on layers {layers}; baseline: {layout}")
+          f"statistics on layers {capture.layers} (AttentionCapture); baseline: {layout}")
     print(f"{'micro-batch':>11} {'forward s':>10} {'+ stats s':>10} {'ratio':>7} {'added peak MiB':>15}")
-    cfg = AnchorConfig()
-    hook = StatisticsHook(implementation, layers, cfg)
     for name, (batch, length) in BATCHES.items():
         ids = torch.randint(0, QWEN3_4B["vocab_size"], (batch, length), device="cuda")
         if implementation == "flash_attention_2":  # one packed row, position_ids restart per sequence
@@ -223,26 +191,23 @@ def model_overhead() -> None:
                           position_ids=torch.arange(length, device="cuda").repeat(batch)[None])
         else:
             inputs = dict(input_ids=ids)
-        cu = cu_seqlens([length] * batch)
         responses = torch.full((batch,), length // 2, device="cuda")
 
         def forward():
             with torch.no_grad(), sdpa_flash(force_flash):
                 model.model(**inputs, use_cache=False)
 
-        def forward_with_statistics():
-            hook.sequences, hook.per_layer = PackedSequences(cu, batch * length), []  # once per forward
-            with hook:
+        def forward_with_statistics():  # what the worker runs: the capture, then every response's signals
+            with capture:
                 forward()
-            packed_response_signals(stack_layers(hook.per_layer), responses, cfg,
-                                    num_response_tokens=batch * (length // 2))
-            hook.sequences = None
+            (stats,) = capture.pop_packed()
+            packed_response_signals(stats, responses, cfg, num_response_tokens=batch * (length // 2))
 
         plain, with_stats = timed(forward), timed(forward_with_statistics)
         memory = [peak_bytes(fn) for fn in (forward, forward_with_statistics)]
         print(f"{name:>11} {plain:10.3f} {with_stats:10.3f} {with_stats / plain:7.3f} "
               f"{(memory[1] - memory[0]) / 2**20:15.0f}")
-    del model
+    del model, capture
     torch.cuda.empty_cache()
 
 

@@ -1,6 +1,7 @@
 """The batched statistics engine (`verl_anchor.stats_engine`) on its torch path, against the per-sequence
 `metrics` functions and the dense reference; its dispatch; and bench_gpu's exit without CUDA."""
 
+import ast
 import math
 import subprocess
 import sys
@@ -215,3 +216,31 @@ def test_bench_gpu_exits_cleanly_without_cuda():
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "CUDA" in lines[0]
+
+
+def test_bench_gpu_imports_only_torch_transformers_and_triton():
+    """bench_gpu.py runs on a GPU machine without verl: what it imports, followed through verl_anchor (lazy imports
+    included), needs no package beyond torch, transformers and triton (numpy comes with transformers; flash-attn
+    is imported only where installed)."""
+    todo, seen, packages = [ROOT / "benchmarks" / "bench_gpu.py"], set(), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] != "verl_anchor":
+                    packages.add(name.split(".")[0])
+                    continue
+                for candidate in (ROOT / f"{name.replace('.', '/')}.py", ROOT / name.replace(".", "/") / "__init__.py"):
+                    if candidate.exists():
+                        todo.append(candidate)
+    assert ROOT / "verl_anchor" / "capture.py" in seen and ROOT / "verl_anchor" / "kernels" / "triton_stats.py" in seen
+    assert packages - sys.stdlib_module_names == {"torch", "transformers", "triton", "numpy", "flash_attn"}
