@@ -228,3 +228,22 @@ def test_batch_weights_random_draws_differ_between_equal_length_responses():
     assert all(int((w > 1).sum()) == 12 for w in weights)
     assert all(torch.equal(a, b) for a, b in zip(weights, batch_weights(stats, [30] * 4,
                                                                          AnchorConfig(strategy="random"))))
+
+
+@pytest.mark.parametrize("strategy", ["local_chunk", "global_anchor", "coupled", "random", "entropy"])
+def test_tokens_the_loss_does_not_train_are_never_selected_nor_counted(strategy):
+    gen = torch.Generator().manual_seed(4)
+    n = 20
+    waad, fai, entropy = torch.rand(n, generator=gen) * 10, torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+    trainable = torch.ones(n, dtype=torch.bool)
+    trainable[5:12] = False  # e.g. tool output inside a multi-turn response (response_mask 0)
+    fai[5:12] += 10  # the most attended-to tokens: they would take the whole budget
+    entropy[5:12] += 10
+    cfg = AnchorConfig(strategy=strategy)
+    gamma = token_weights(waad, fai, cfg, entropy=entropy, generator=torch.Generator().manual_seed(0),
+                          trainable=trainable)
+    assert (gamma[~trainable] == 1).all()
+    if strategy in ("random", "entropy", "global_anchor"):
+        defined = int((trainable & ~torch.isnan(fai)).sum()) if strategy == "global_anchor" else int(trainable.sum())
+        assert int((gamma > 1).sum()) == math.ceil(0.4 * defined - 1e-9)
+    assert (gamma[trainable] > 1).any()

@@ -71,6 +71,8 @@ def test_gae_base_turns_the_critic_on_unless_the_user_turned_it_off():
     (BASE + ["+algorithm.anchor.seed=18446744073709551616"], "algorithm.anchor.seed=18446744073709551616 is invalid"),
     (BASE + ["+algorithm.anchor.base_estimator=remax"], "never computes the greedy reward_baselines"),
     (BASE + ["+algorithm.anchor.base_estimator=gdpo"], "base_estimator=gdpo is not supported"),
+    (BASE + ["+algorithm.anchor.base_estimator=optimal_token_baseline"], "never computes sum_pi_squared"),
+    (BASE + ["+algorithm.anchor.base_estimator=tir_optimal_token_baseline"], "never computes sum_pi_squared"),
     (BASE + ["+algorithm.anchor.ratio=2.0"], "algorithm.anchor.ratio=2.0 is invalid: use a finite number in (0, 1]"),
     (BASE + ["+algorithm.anchor.strategy=coupled"], "algorithm.anchor.strategy='coupled' is not an option"),
     (BASE + ["+algorithm.anchor.gama_amp=2"], "did you mean algorithm.anchor.gamma_amp"),
@@ -110,3 +112,20 @@ def test_validate_config_hook_runs_the_anchor_checks_first():
 def test_plain_names_that_verl_knows_are_not_typos():
     for name in ("grpo", "gae", "rloo", "gpg", "opo"):
         assert read_settings(compose_verl([f"algorithm.adv_estimator={name}"])) is None
+
+
+def test_gae_base_starts_the_critic_from_the_actor_unless_a_critic_model_is_named():
+    config = compose_verl(BASE + ["+algorithm.anchor.base_estimator=gae", "actor_rollout_ref.model.path=/m/actor"])
+    prepare_config(config)
+    assert config.critic.model.path == "/m/actor"
+    config = compose_verl(BASE + ["+algorithm.anchor.base_estimator=gae", "actor_rollout_ref.model.path=/m/actor",
+                                  "critic.model.path=/m/critic"])
+    prepare_config(config)
+    assert config.critic.model.path == "/m/critic"
+
+
+def test_bypass_mode_refuses_what_needs_the_forward_and_lets_random_run():
+    bypass = "algorithm.rollout_correction.bypass_mode=true"
+    assert read_settings(compose_verl(["algorithm.adv_estimator=anchor_random", bypass])).cfg.strategy == "random"
+    with pytest.raises(ValueError, match="reads the policy's token entropy"):
+        read_settings(compose_verl(["algorithm.adv_estimator=anchor_entropy", bypass]))

@@ -58,9 +58,11 @@ class FakeTQ:
         return KVBatchMeta(keys=list(keys), tags=[self.tags.get(key, {}) for key in keys], partition_id=partition_id)
 
 
-def fill(tq, with_values=False, padding=False):
+def fill(tq, with_values=False, padding=False, multi_output=False):
     gen = torch.Generator().manual_seed(0)
     keys = [f"{uid}_{i % 2}_0" for i, uid in enumerate(UIDS)]  # verl: {uid}_{session}_{output}
+    if multi_output:  # the second response of p1 is a second output of the first one's session
+        keys[3] = f"{UIDS[3]}_0_1"
     for key, uid, n, score in zip(keys, UIDS, LENGTHS, SCORES):
         rm = torch.zeros(n)
         rm[-1] = score
@@ -73,9 +75,11 @@ def fill(tq, with_values=False, padding=False):
         if with_values:
             tq.rows[key]["values"] = torch.rand(n, generator=gen)
     tags = [{} for _ in keys]
-    if padding:  # what verl's _balance_batch appends to reach a multiple of the ranks
+    if padding:  # what verl's _balance_batch appends to reach a multiple of the ranks: 1 masked token
         keys.append("padxyz_0_0")
-        tq.rows[keys[-1]] = {**tq.rows[keys[0]], "uid": "padxyz", "rm_scores": torch.zeros(LENGTHS[0])}
+        tq.rows[keys[-1]] = {**{name: value[:1] for name, value in tq.rows[keys[0]].items() if name != "uid"},
+                             "uid": "padxyz", "rm_scores": torch.zeros(1), "response_mask": torch.zeros(1),
+                             "anchor_seq": torch.tensor([1.0, 9.0, 0.0])}
         tags.append({"is_padding": True})
     tq.tags.update(zip(keys, tags))
     return KVBatchMeta(keys=keys, tags=tags, partition_id="train")
@@ -105,11 +109,11 @@ def tq(monkeypatch):
     return fake
 
 
-def advantage_step(tq, mode, overrides, with_values=False, padding=False, **steps):
+def advantage_step(tq, mode, overrides, with_values=False, padding=False, multi_output=False, **steps):
     from verl.trainer.ppo.v1 import get_trainer_cls
 
     config = compose_verl(overrides)
-    batch = fill(tq, with_values=with_values, padding=padding)
+    batch = fill(tq, with_values=with_values, padding=padding, multi_output=multi_output)
     trainer = bare_trainer(get_trainer_cls(mode), config, **steps)
     metrics = {}
     trainer._compute_advantage(batch, metrics)
@@ -189,11 +193,8 @@ def test_gamma_scales_the_actors_advantages_and_not_the_critics_returns(tq, base
 def test_padding_samples_keep_their_advantages_and_stay_out_of_the_metrics(tq):
     overrides = ["algorithm.adv_estimator=anchor_coupled"]
     got, metrics, keys = advantage_step(tq, "sync", overrides, padding=True)
-    pad = keys[-1]
-    tq_rows = tq.rows
-    assert torch.equal(got[pad]["advantages"], torch.zeros(LENGTHS[0]))  # its reward group is itself: zero
-    selected = sum(int((got[k]["advantages"] != 0).sum()) for k in keys[:-1])
-    assert selected > 0 and tq_rows[pad]["uid"] == "padxyz"
+    assert torch.equal(got[keys[-1]]["advantages"], torch.zeros(1))
+    assert sum(int((got[k]["advantages"] != 0).sum()) for k in keys[:-1]) > 0
     tq.rows.clear()
     _, without_padding, _ = advantage_step(tq, "sync", overrides)
     assert metrics["anchor/selected_frac"] == without_padding["anchor/selected_frac"]
@@ -274,3 +275,84 @@ def test_separate_async_picks_the_anchor_detach_worker():
     assert anchor_worker_cls(ray.remote(ActorRolloutRefWorker)) is AnchorActorRolloutRefWorker
     assert anchor_worker_cls(DetachActorWorker) is AnchorDetachActorWorker
     assert issubclass(AnchorDetachActorWorker, DetachActorWorker)
+
+
+def test_masked_tokens_inside_a_response_take_no_credit(tq):
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    config = compose_verl(["algorithm.adv_estimator=anchor_global_anchor"])
+    batch = fill(tq)
+    first = batch.keys[0]
+    tq.rows[first]["response_mask"] = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # tool output at 1..3
+    tq.rows[first]["anchor_fai"] = torch.tensor([0.1, 0.9, 0.8, 0.7, 0.2, math.nan])
+    trainer = bare_trainer(get_trainer_cls("sync"), config)
+    trainer._compute_advantage(batch, {})
+    plain_trainer = bare_trainer(get_trainer_cls("sync"), compose_verl(["algorithm.adv_estimator=grpo"]))
+    shaped = tq.rows[first]["advantages"].clone()
+    plain_trainer._compute_advantage(batch, {})
+    ratio = shaped / tq.rows[first]["advantages"]
+    # Budget ceil(0.4 * 2 defined trainable) = 1: the higher of positions 0 (0.1) and 4 (0.2).
+    assert ratio[[0, 4]].tolist() == pytest.approx([1.0, 1.5], rel=1e-6)
+
+
+def test_multi_output_sessions_keep_verls_grpo_broadcast(tq):
+    # Two outputs in one session ({uid}_{session}_{i}): verl scores the last and broadcasts it.
+    plain, _, keys = advantage_step(tq, "sync", ["algorithm.adv_estimator=grpo"], multi_output=True)
+    tq.rows.clear()
+    anchored, _, _ = advantage_step(tq, "sync", ["algorithm.adv_estimator=anchor_coupled",
+                                                 "+algorithm.anchor.gamma_amp=1.0"], multi_output=True)
+    assert any(k.endswith("_1") for k in keys)
+    for key in keys:
+        assert torch.equal(anchored[key]["advantages"], plain[key]["advantages"])
+
+
+def test_a_subclass_of_the_anchor_variant_keeps_its_overrides_on_a_plain_run():
+    import copy
+    import pickle
+
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    class RecipeTrainer(get_trainer_cls("sync")):
+        recipe_hook = True
+
+    plain = RecipeTrainer(config=compose_verl(["algorithm.adv_estimator=grpo"]))
+    assert isinstance(plain, RecipeTrainer) and plain.anchor is None
+    anchored = RecipeTrainer(config=compose_verl(["algorithm.adv_estimator=anchor_coupled"]))
+    assert anchored.anchor.estimator == "anchor_coupled" and anchored.recipe_hook
+    variant = get_trainer_cls("sync")(config=compose_verl(["algorithm.adv_estimator=anchor_coupled"]))
+    assert type(copy.copy(variant)) is type(variant)
+    assert pickle.loads(pickle.dumps(type(variant))) is type(variant)  # found by reference
+
+
+class StandInPoolTrainer:
+    """verl's _init_resource_pool_mgr, reduced to the role mapping it fills."""
+
+    def __init__(self, worker_cls):
+        self.worker_cls = worker_cls
+
+    def _init_resource_pool_mgr(self):
+        import ray
+        from verl.trainer.ppo.utils import Role
+
+        self.role_worker_mapping = {Role.ActorRollout: ray.remote(self.worker_cls),
+                                    Role.RefPolicy: ray.remote(self.worker_cls)}
+
+
+def test_the_actor_role_gets_the_anchor_variant_of_whatever_worker_was_mapped():
+    from verl.trainer.ppo.utils import Role
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    from verl_anchor.integration.worker import AnchorActorRolloutRefWorker, AnchorWorkerMixin
+
+    class RecipeWorker(ActorRolloutRefWorker):
+        pass
+
+    for worker_cls, expected_base in ((ActorRolloutRefWorker, AnchorActorRolloutRefWorker), (RecipeWorker, RecipeWorker)):
+        cls = anchor_trainer.anchor_trainer_cls(StandInPoolTrainer)
+        trainer = object.__new__(cls)
+        trainer.__init__(worker_cls)
+        trainer.anchor = read_settings(compose_verl(["algorithm.adv_estimator=anchor_coupled"]))
+        trainer._init_resource_pool_mgr()
+        actor = type(trainer.role_worker_mapping[Role.ActorRollout])
+        assert issubclass(actor, expected_base) and issubclass(actor, AnchorWorkerMixin)
+        assert not issubclass(type(trainer.role_worker_mapping[Role.RefPolicy]), AnchorWorkerMixin)

@@ -80,41 +80,51 @@ def token_weights(
     cfg: AnchorConfig,
     entropy: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    trainable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Credit weights gamma `(n,)` of one response (spec §5); the sign rule is applied by `shape_advantages`.
 
     `waad` is the local-group mean, `fai` the global-group mean (NaN = undefined). Degenerate
     responses (see `is_degenerate`) get gamma = 1. `random` draws from `generator` (default: seeded
-    with `cfg.seed`); `entropy` is required by the `entropy` strategy.
+    with `cfg.seed`); `entropy` is required by the `entropy` strategy. `trainable` (bool, default all):
+    positions the policy loss trains on (verl's `response_mask`); the others, e.g. tool output inside a
+    multi-turn response, are never selected and do not count in the `ratio` budget.
     """
     n = waad.shape[0]
     gamma = torch.ones(n, dtype=torch.float32, device=waad.device)
     if cfg.strategy == "none" or n == 0:
         return gamma
+    if trainable is None:
+        trainable = torch.ones(n, dtype=torch.bool, device=waad.device)
+    trainable = trainable.bool()
     if cfg.strategy == "random":
         if generator is None:
             generator = torch.Generator().manual_seed(cfg.seed)
-        chosen = torch.randperm(n, generator=generator)[: math.ceil(cfg.ratio * n - 1e-9)]
+        candidates = trainable.cpu().nonzero().flatten()
+        chosen = candidates[torch.randperm(candidates.numel(), generator=generator)]
+        chosen = chosen[: math.ceil(cfg.ratio * candidates.numel() - 1e-9)]
         indicator = torch.zeros(n, dtype=torch.float32)
         indicator[chosen] = 1.0
         return 1.0 + (cfg.gamma_amp - 1.0) * indicator.to(waad.device)
+    undefined = torch.tensor(math.nan, device=waad.device)
     if cfg.strategy == "entropy":
         if entropy is None or entropy.shape != waad.shape:
             raise ValueError("strategy='entropy' needs the policy's token entropy of the same length as the response")
-        indicator = select_tokens(entropy.float(), cfg.ratio, cfg.select).float()
+        indicator = select_tokens(entropy.float().where(trainable, undefined), cfg.ratio, cfg.select).float()
         return 1.0 + (cfg.gamma_amp - 1.0) * indicator
     if is_degenerate(waad, fai):
         return gamma
     waad, fai = waad.float(), fai.float()
     delta = waad_jumps(waad)
     if cfg.strategy == "local_chunk":
-        indicator = select_tokens(delta, cfg.ratio, cfg.select).float()
+        indicator = select_tokens(delta.where(trainable, undefined), cfg.ratio, cfg.select).float()
     else:
-        anchors = select_tokens(fai, cfg.ratio, cfg.select)
+        anchors = select_tokens(fai.where(trainable, undefined), cfg.ratio, cfg.select)
         if cfg.strategy == "global_anchor":
             indicator = anchors.float()
         else:  # coupled (Eq. 19), capped so gamma never exceeds gamma_amp
             dominated, intro = dominated_anchors(waad, delta, anchors, cfg.k)
+            intro &= trainable  # an introductory token the loss does not train on takes no credit
             indicator = (
                 (anchors & ~dominated).float() + (1.0 - cfg.alpha) * dominated.float() + cfg.alpha * intro.float()
             ).clamp(max=1.0)
@@ -155,11 +165,13 @@ def batch_gamma(
     fai: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     seeds: Sequence[int] | None = None,
+    trainable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """gamma of a batch of responses, `(B, max(lengths))`, 1 beyond each response; and which are degenerate.
 
-    `waad`, `fai` (attention strategies) and `entropy` (entropy strategy) are `(B, >= max(lengths))`,
-    row i valid for its first `lengths[i]` entries. `random` draws response i from a generator seeded
+    `waad`, `fai` (attention strategies), `entropy` (entropy strategy) and `trainable` (verl's
+    response mask; see `token_weights`) are `(B, >= max(lengths))`, row i valid for its first
+    `lengths[i]` entries. `random` draws response i from a generator seeded
     with `seeds[i]` (default `response_seed(cfg.seed, i)`), so no two responses share their draw by
     construction. `degenerate[i]` marks responses whose statistics are unusable (gamma = 1 there).
     """
@@ -171,12 +183,14 @@ def batch_gamma(
         row_waad = waad[i, :n].float().cpu() if waad is not None else torch.zeros(n)
         row_fai = fai[i, :n].float().cpu() if fai is not None else torch.zeros(n)
         row_entropy = entropy[i, :n].float().cpu() if entropy is not None else None
+        row_trainable = trainable[i, :n].bool().cpu() if trainable is not None else None
         if cfg.needs_attention:
             degenerate[i] = is_degenerate(row_waad, row_fai)
         generator = None
         if cfg.strategy == "random":
             generator = torch.Generator().manual_seed(seeds[i] if seeds is not None else response_seed(cfg.seed, i))
-        gamma[i, :n] = token_weights(row_waad, row_fai, cfg, entropy=row_entropy, generator=generator)
+        gamma[i, :n] = token_weights(row_waad, row_fai, cfg, entropy=row_entropy, generator=generator,
+                                     trainable=row_trainable)
     return gamma, degenerate
 
 

@@ -30,6 +30,8 @@ ANCHOR_ESTIMATORS: dict[str, str] = {
 # The first version's trainer mode; kept as an alias of verl's "sync" so old command lines still run.
 LEGACY_TRAINER_MODE = "anchor_sync"
 DEFAULT_BASE_ESTIMATOR = "grpo"
+# verl 0.9.1's placeholder for critic.model.path (trainer/config/critic/critic.yaml): never a real model.
+VERL_PLACEHOLDER_CRITIC_PATH = "~/models/deepseek-llm-7b-chat"
 # Base estimators verl 0.9.1's v1 trainer cannot run even under their own name, and why.
 UNSUPPORTED_BASES = {
     "gdpo": "verl 0.9.1's v1 trainer does not give it the raw batch and reward keys it needs "
@@ -62,7 +64,8 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
     """Complete a verl config for the anchor estimators in place, then validate it (`read_settings`).
 
     Completing means: the legacy mode name `anchor_sync` becomes verl's `sync`, and a `gae` base
-    turns the critic on when `critic.enable` is unset (verl enables it only for adv_estimator=gae).
+    turns the critic on when `critic.enable` is unset (verl enables it only for adv_estimator=gae),
+    starting it from the actor's model when `critic.model.path` is still verl's placeholder.
     """
     v1 = config.trainer.get("v1", None)
     if v1 is not None and v1.get("trainer_mode", None) == LEGACY_TRAINER_MODE:
@@ -72,8 +75,15 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
             v1.trainer_mode = "sync"
     settings = read_settings(config)
     if settings is not None and settings.base_estimator == "gae" and config.critic.get("enable", None) is None:
+        logger.warning("verl_anchor: algorithm.anchor.base_estimator=gae turns verl's critic on (critic.enable=true); "
+                       "an earlier 'Disabled critic' warning from verl no longer applies")
         with open_dict(config):
             config.critic.enable = True
+            critic_model = config.critic.get("model", None)
+            if critic_model is not None and critic_model.get("path", None) == VERL_PLACEHOLDER_CRITIC_PATH:
+                logger.warning("verl_anchor: critic.model.path is unset; the critic starts from the actor's model "
+                               "(%s); set critic.model.path to choose another", config.actor_rollout_ref.model.path)
+                critic_model.path = config.actor_rollout_ref.model.path
     return settings
 
 
@@ -106,10 +116,11 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
     cfg = AnchorConfig.from_mapping({**options, "strategy": ANCHOR_ESTIMATORS[estimator]}, prefix="algorithm.anchor.")
     _check_base_estimator(config, base)
     rollout_correction = config.algorithm.get("rollout_correction", None) or {}
-    if rollout_correction.get("bypass_mode", False):
+    if rollout_correction.get("bypass_mode", False) and cfg.strategy != "random":
+        reads = "computes its attention statistics" if cfg.needs_attention else "reads the policy's token entropy"
         raise ValueError(
             f"algorithm.rollout_correction.bypass_mode=true skips the old-log-prob forward in which {estimator} "
-            "computes its statistics: set algorithm.rollout_correction.bypass_mode=false"
+            f"{reads}: set algorithm.rollout_correction.bypass_mode=false (anchor_random needs no such forward)"
         )
     if cfg.needs_attention:
         _check_attention_backend(config, estimator)

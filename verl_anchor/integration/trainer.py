@@ -42,7 +42,10 @@ _VARIANTS: dict[type, type] = {}
 
 
 def anchor_trainer_cls(trainer_cls: type) -> type:
-    """The anchor variant of a verl v1 trainer class (cached, so each base gets one subclass)."""
+    """The anchor variant of a verl v1 trainer class (cached, so each base gets one subclass).
+
+    Each variant is also reachable as a module attribute (`__getattr__`), so pickle finds it by reference.
+    """
     if issubclass(trainer_cls, AnchorTrainerMixin):
         return trainer_cls
     if trainer_cls not in _VARIANTS:
@@ -51,36 +54,49 @@ def anchor_trainer_cls(trainer_cls: type) -> type:
     return _VARIANTS[trainer_cls]
 
 
+def __getattr__(name: str) -> type:
+    """`AnchorPPOTrainerSync` and friends by name, built on first use: pickle finds variants by reference."""
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+    for trainer_cls in TRAINER_REGISTRY.values():
+        if name == f"Anchor{trainer_cls.__name__}":
+            return anchor_trainer_cls(trainer_cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class AnchorTrainerMixin:
     """Attention-guided credit on top of a verl v1 trainer (see the module docstring)."""
 
     _anchor_base: type
-    anchor: AnchorSettings
+    anchor: AnchorSettings | None = None
 
-    def __new__(cls, config: DictConfig, *args, **kwargs):
-        settings = prepare_config(config)
-        if settings is None:  # not an anchor run: verl's own class, step for step
+    def __new__(cls, config: DictConfig | None = None, *args, **kwargs):
+        settings = prepare_config(config) if config is not None else None  # None: copy/pickle rebuilding
+        if settings is None and config is not None and _VARIANTS.get(cls._anchor_base) is cls:
+            # Not an anchor run, and nobody subclassed the variant: verl's own class, step for step.
             return cls._anchor_base(config, *args, **kwargs)
         instance = super().__new__(cls)
-        instance.anchor = settings
+        instance.anchor = settings  # None in a user's subclass on a plain run: every hook below passes through
         return instance
 
     # -- start-up ---------------------------------------------------------------------------
     def _init_resource_pool_mgr(self) -> None:
         super()._init_resource_pool_mgr()
+        if self.anchor is None:
+            return
         for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor):
             if role in self.role_worker_mapping:
                 self.role_worker_mapping[role] = ray.remote(anchor_worker_cls(self.role_worker_mapping[role]))
 
     def _setup(self) -> None:
         super()._setup()
-        if self.anchor.cfg.needs_attention:
+        if self.anchor is not None and self.anchor.cfg.needs_attention:
             layers = self.actor_rollout_wg.anchor_prepare(self.anchor.cfg.to_dict())
             logger.warning("verl_anchor: %s captures attention of layers %s", self.anchor.estimator, layers[0])
 
     # -- step -------------------------------------------------------------------------------
     def _compute_old_log_prob(self, batch, metrics: dict):
-        if self.anchor.cfg.needs_attention:
+        if self.anchor is not None and self.anchor.cfg.needs_attention:
             batch.extra_info[ANCHOR_OPTIONS_KEY] = self.anchor.cfg.to_dict()
         try:
             return super()._compute_old_log_prob(batch, metrics)
@@ -88,6 +104,8 @@ class AnchorTrainerMixin:
             batch.extra_info.pop(ANCHOR_OPTIONS_KEY, None)  # keep it out of later RPCs
 
     def _compute_advantage(self, batch, metrics: dict):
+        if self.anchor is None:
+            return super()._compute_advantage(batch, metrics)
         real = [not tag.get("is_padding", False) for tag in batch.tags]  # verl's _balance_batch padding
         algorithm = self.config.algorithm
         estimator = algorithm.adv_estimator
@@ -99,7 +117,9 @@ class AnchorTrainerMixin:
         finally:
             algorithm.adv_estimator = estimator
         start = time.perf_counter()
-        fields = ["advantages", "response_mask", "entropy"]
+        fields = ["advantages", "response_mask"]
+        if self.anchor.cfg.strategy == "entropy":  # (bypass mode writes no entropy; random needs none)
+            fields.append("entropy")
         if self.anchor.cfg.needs_attention:
             fields += list(OUTPUT_KEYS)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
@@ -145,8 +165,8 @@ def scale_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """gamma-scaled advantages `(batch, response_length)`, gamma itself, and the `anchor/*` metrics.
 
-    `data` holds nested per-response `advantages`, `response_mask`, `entropy` and, for attention
-    strategies, the worker's `anchor_*` outputs (see `integration.worker`). Rows with `real[i]` False
+    `data` holds nested per-response `advantages`, `response_mask`, `entropy` (entropy strategy) and,
+    for attention strategies, the worker's `anchor_*` outputs (see `integration.worker`). Rows with `real[i]` False
     (verl's padding samples) keep gamma = 1 and stay out of the metrics.
     """
     cfg = settings.cfg
@@ -157,8 +177,8 @@ def scale_advantages(
     lengths = [n if keep else 0 for n, keep in zip(lengths, real_rows.tolist())]
     waad = _padded(data["anchor_waad"], math.nan).float() if cfg.needs_attention else None
     fai = _padded(data["anchor_fai"], math.nan).float() if cfg.needs_attention else None
-    gamma, degenerate = batch_gamma(lengths, cfg, waad=waad, fai=fai, entropy=_padded(data["entropy"]).float(),
-                                    seeds=seeds)
+    entropy = _padded(data["entropy"]).float() if "entropy" in data.keys() else None
+    gamma, degenerate = batch_gamma(lengths, cfg, waad=waad, fai=fai, entropy=entropy, seeds=seeds, trainable=mask)
     gamma = torch.nn.functional.pad(gamma, (0, advantages.shape[1] - gamma.shape[1]), value=1.0)
     shaped = shape_advantages(advantages, gamma, cfg.sign)
     effective = effective_gamma(advantages, gamma, cfg.sign)  # what shape_advantages multiplied by
