@@ -137,8 +137,21 @@ class AnchorDetachActorWorker(AnchorWorkerMixin, DetachActorWorker):
     """verl's separate_async actor worker (pi_old save/restore) with an anchor-aware actor."""
 
 
+_WORKER_VARIANTS: dict[type, type] = {
+    ActorRolloutRefWorker: AnchorActorRolloutRefWorker,
+    DetachActorWorker: AnchorDetachActorWorker,
+}
+
+
 def anchor_worker_cls(worker: Any) -> type:
-    """The anchor variant of the actor worker a verl trainer chose: a class, or `ray.remote(class)`,
-    whose type subclasses the class it wraps."""
-    worker_cls = worker if isinstance(worker, type) else type(worker)
-    return AnchorDetachActorWorker if issubclass(worker_cls, DetachActorWorker) else AnchorActorRolloutRefWorker
+    """The anchor variant of the actor worker a verl trainer chose (a class, or `ray.remote(class)`).
+
+    verl's own classes get the module-level variants above; any other class (a recipe's worker)
+    gets its own subclass with the mixin in front, so its overrides and RPCs stay.
+    """
+    worker_cls = worker if isinstance(worker, type) else worker.__ray_metadata__.modified_class.__bases__[0]
+    if worker_cls not in _WORKER_VARIANTS:
+        # Not a module attribute on purpose: Ray then pickles it by value for the worker processes.
+        _WORKER_VARIANTS[worker_cls] = type(f"Anchor{worker_cls.__name__}", (AnchorWorkerMixin, worker_cls),
+                                            {"__module__": __name__})
+    return _WORKER_VARIANTS[worker_cls]
