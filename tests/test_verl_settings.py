@@ -66,6 +66,10 @@ def test_gae_base_turns_the_critic_on_unless_the_user_turned_it_off():
 @pytest.mark.parametrize("overrides, message", [
     (["algorithm.adv_estimator=anchor_copuled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
     (["algorithm.adv_estimator=anchor_randon"], "did you mean algorithm.adv_estimator=anchor_random?"),
+    (["algorithm.adv_estimator=coupled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
+    (["algorithm.adv_estimator=anchor"], "the anchor estimators are anchor_local_chunk"),
+    (BASE + ["+algorithm.anchor.dump_dir=123"], "algorithm.anchor.dump_dir=123 is invalid"),
+    (BASE + ["+algorithm.anchor.dump_dir=/etc/passwd"], "algorithm.anchor.dump_dir='/etc/passwd' is invalid"),
     (BASE + ["+algorithm.anchor.enable=false"], "algorithm.anchor.enable=False contradicts"),
     (BASE + ["+algorithm.anchor.gamma_amp=1e39"], "algorithm.anchor.gamma_amp=1e+39 is invalid"),
     (BASE + ["+algorithm.anchor.seed=18446744073709551616"], "algorithm.anchor.seed=18446744073709551616 is invalid"),

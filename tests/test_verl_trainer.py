@@ -70,6 +70,7 @@ def fill(tq, with_values=False, padding=False, multi_output=False):
         fai = torch.rand(n, generator=gen)
         fai[-1:] = math.nan
         tq.rows[key] = {"uid": uid, "response_mask": torch.ones(n), "rm_scores": rm,
+                        "prompts": torch.tensor([3.0, 4.0, 5.0 + UIDS.index(uid)]),
                         "old_log_probs": -torch.rand(n, generator=gen), "entropy": torch.rand(n, generator=gen),
                         "anchor_waad": waad, "anchor_fai": fai, "anchor_seq": torch.tensor([1.0, 9.0, 0.0])}
         if with_values:
@@ -198,6 +199,23 @@ def test_padding_samples_keep_their_advantages_and_stay_out_of_the_metrics(tq):
     tq.rows.clear()
     _, without_padding, _ = advantage_step(tq, "sync", overrides)
     assert metrics["anchor/selected_frac"] == without_padding["anchor/selected_frac"]
+
+
+def test_random_draws_follow_the_prompt_not_verls_random_uid(tq):
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    config = compose_verl(["algorithm.adv_estimator=anchor_random", "+algorithm.anchor.seed=5"])
+    first, *_ = advantage_step(tq, "sync", ["algorithm.adv_estimator=anchor_random", "+algorithm.anchor.seed=5"])
+    # A second run: the same prompts and responses under fresh uuids, in another row order.
+    renamed = {key: "run2" + key for key in first}
+    rows = {renamed[key]: dict(tq.rows[key], uid="run2" + tq.rows[key]["uid"]) for key in first}
+    tq.rows.clear()
+    tq.rows.update(rows)
+    keys = list(reversed(list(rows)))
+    trainer = bare_trainer(get_trainer_cls("sync"), config)
+    trainer._compute_advantage(KVBatchMeta(keys=keys, tags=[{} for _ in keys], partition_id="train"), {})
+    for key in first:
+        assert torch.equal(tq.rows[renamed[key]]["advantages"], first[key]["advantages"])
 
 
 def test_async_local_steps_draw_anew_for_the_random_baseline(tq):

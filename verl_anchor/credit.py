@@ -55,23 +55,36 @@ def dominated_anchors(
     t in D if t is an anchor, WAAD[t] <= median(WAAD) and max(delta[t-k .. t-1]) >= median(delta);
     intro(t) is the argmax of delta over that window, ties to the later position.
     """
-    n = waad.shape[0]
-    # A window never reaches before the response, so k beyond n changes nothing: cap it, which
-    # keeps the cost O(n * min(k, n)) time and O(n) memory whatever k is.
-    width = max(1, min(k, n))
-    # Reversed, with -inf where the window reaches before the response: element j of the pooled
-    # output covers delta[t-width .. t-1] for t = n - j, and max_pool1d returns the *first* maximum
-    # of a window, i.e. the last one in position order (the spec's tie rule).
-    padded = torch.cat([torch.full((width,), -math.inf, dtype=delta.dtype, device=delta.device), delta])
-    window_max, where = torch.nn.functional.max_pool1d(
-        padded.flip(0)[None, None], kernel_size=width, stride=1, return_indices=True
-    )
-    window_max, where = window_max[0, 0, 1:].flip(0), where[0, 0, 1:].flip(0)  # index t = 0..n-1
+    window_max, intro_pos = _look_back_argmax(delta, k)
     dominated = anchors & (waad <= waad.median()) & (window_max >= delta.median())
-    intro_pos = n - 1 - where  # flipped-padded index -> position in the response
     intro = torch.zeros_like(dominated)
     intro[intro_pos[dominated]] = True
     return dominated, intro
+
+
+def _look_back_argmax(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every t: max of delta[t-k .. t-1] (-inf where that window is empty) and where it is, ties to the later.
+
+    O(n) time and memory whatever k is (van Herk / Gil-Werman: prefix and suffix maxima of blocks of
+    width k). Each value is keyed with its position, (float bits << 24) | position, so the maximum key
+    is the latest position of the maximum: delta >= 0, whose float32 bit patterns order like the values.
+    """
+    n = delta.shape[0]
+    width = max(1, min(k, n))  # a window never reaches before the response: k beyond n changes nothing
+    positions = torch.arange(n, device=delta.device)
+    keys = (delta.float().view(torch.int32).long() << 24) | positions
+    blocks = -(-(n + width) // width)
+    padded = torch.full((blocks * width,), -1, dtype=torch.long, device=delta.device)  # -1: before the response
+    padded[width : width + n] = keys
+    by_block = padded.view(blocks, width)
+    prefix = by_block.cummax(dim=1).values.flatten()
+    suffix = by_block.flip(1).cummax(dim=1).values.flip(1).flatten()
+    # The window of t is padded[t : t + width]: the tail of one block and the head of the next.
+    best = torch.maximum(suffix[positions], prefix[positions + width - 1])
+    found = best >= 0
+    where = torch.where(found, best & ((1 << 24) - 1), 0)
+    window_max = torch.where(found, delta[where], torch.full_like(delta, -math.inf))
+    return window_max, where
 
 
 def token_weights(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -95,6 +96,10 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
     estimator = str(config.algorithm.adv_estimator)
     if estimator not in ANCHOR_ESTIMATORS:
         _check_not_a_typo(estimator)
+        if anchor_block(config):
+            # Not refused: the recipes keep their anchor block when run with grpo as the plain baseline.
+            logger.warning("verl_anchor: algorithm.anchor.* is ignored with algorithm.adv_estimator=%s; "
+                           "an anchor_* estimator turns the method on", estimator)
         return None
     if not config.trainer.get("use_v1", True):
         raise ValueError(f"algorithm.adv_estimator={estimator} needs verl's v1 trainer (the legacy trainer never "
@@ -103,6 +108,9 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
     base = options.pop("base_estimator", DEFAULT_BASE_ESTIMATOR)
     enable = options.pop("enable", True)
     dump_dir = options.pop("dump_dir", None)
+    if dump_dir is not None and (not isinstance(dump_dir, str) or not dump_dir or os.path.isfile(dump_dir)):
+        raise ValueError(f"algorithm.anchor.dump_dir={dump_dir!r} is invalid: give a directory path (it is created), "
+                         "or null")
     if enable is not True:
         raise ValueError(
             f"algorithm.anchor.enable={enable!r} contradicts algorithm.adv_estimator={estimator}: the estimator name "
@@ -133,10 +141,16 @@ def _check_not_a_typo(estimator: str) -> None:
 
     if estimator in core_algos.ADV_ESTIMATOR_REGISTRY or estimator in ("gae", "grpo"):
         return
-    close = difflib.get_close_matches(estimator, list(ANCHOR_ESTIMATORS), n=1, cutoff=0.8)
+    # A strategy's bare name (coupled), or one letter off an estimator name (anchor_copuled).
+    by_strategy = {strategy: name for name, strategy in ANCHOR_ESTIMATORS.items()}
+    close = [by_strategy[estimator]] if estimator in by_strategy else \
+        difflib.get_close_matches(estimator, list(ANCHOR_ESTIMATORS), n=1, cutoff=0.8)
     if close:
         raise ValueError(f"algorithm.adv_estimator={estimator} is not a registered estimator; "
                          f"did you mean algorithm.adv_estimator={close[0]}?")
+    if estimator.startswith("anchor"):
+        raise ValueError(f"algorithm.adv_estimator={estimator} is not a registered estimator; "
+                         f"the anchor estimators are {', '.join(ANCHOR_ESTIMATORS)}")
 
 
 def _check_base_estimator(config: DictConfig, base: str) -> None:

@@ -18,6 +18,7 @@ Mode strings stay verl's own, so every place verl compares `trainer_mode` behave
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -123,10 +124,8 @@ class AnchorTrainerMixin:
         if self.anchor.cfg.needs_attention:
             fields += list(OUTPUT_KEYS)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        # Seeded per response, not per batch: the same response draws the same tokens on any rank,
-        # in any order; async modes run this several times per global step, hence the local step.
         local_step = getattr(self, "local_trigger_step", 0)
-        seeds = [response_seed(self.anchor.cfg.seed, self.global_steps, local_step, key) for key in batch.keys]
+        seeds = self._response_seeds(batch, local_step) if self.anchor.cfg.strategy == "random" else None
         world = self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
         shaped, gamma, anchor_metrics = scale_advantages(data, self.anchor, seeds, real=real, world_size=world)
         out = TensorDict({"advantages": response_to_nested(shaped, data["response_mask"])}, batch_size=len(batch))
@@ -136,6 +135,23 @@ class AnchorTrainerMixin:
         anchor_metrics["timing_s/anchor_weights"] = time.perf_counter() - start
         metrics.update(anchor_metrics)
         return batch
+
+    def _response_seeds(self, batch, local_step: int) -> list[int]:
+        """One seed per response for the random baseline, from what identifies it across runs and ranks.
+
+        Seeded per response, not per batch, so a response draws the same tokens on any rank and in any
+        order; async modes run the advantage step several times per global step, hence the local step.
+        verl's keys are `{uuid4}_{session}_{output}`: the random uid is replaced by the prompt's tokens,
+        so two runs with the same seed draw the same tokens for the same prompt.
+        """
+        prompts = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts"])
+        seeds = []
+        for key, prompt in zip(batch.keys, prompts["prompts"].unbind()):
+            session_and_output = key.rsplit("_", 2)[1:]
+            digest = hashlib.blake2b(prompt.cpu().numpy().tobytes(), digest_size=8).hexdigest()
+            seeds.append(response_seed(self.anchor.cfg.seed, self.global_steps, local_step, digest,
+                                       *session_and_output))
+        return seeds
 
     def _dump(self, batch, data: TensorDict, gamma: torch.Tensor, real: Sequence[bool], local_step: int) -> None:
         """`algorithm.anchor.dump_dir`: each response's tokens, statistics and gamma (for checks and analysis)."""
@@ -159,7 +175,7 @@ def _padded(nested: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
 def scale_advantages(
     data: TensorDict,
     settings: AnchorSettings,
-    seeds: Sequence[int],
+    seeds: Sequence[int] | None = None,
     real: Sequence[bool] | None = None,
     world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
