@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -364,6 +365,36 @@ def test_malformed_files(tmp_path: Path) -> None:
         prepare_math("math500", tmp_path / "out", empty)
     with pytest.raises(DataError, match="no 'train' split"):
         prepare_math("math500", tmp_path / "out", empty, split="train")
+
+
+def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
+    # Today's main raised UnicodeDecodeError / pyarrow's ArrowInvalid with a traceback.
+    cases = {
+        "train.jsonl": (b'{"question": "\xff", "answer": "1"}\n', "not UTF-8"),
+        "train.json": (b'[{"question": "\xff"}]', "not UTF-8"),
+        "train.csv": (b"question,answer\n\xff,1\n", "not UTF-8"),
+        "train.parquet": (b"PAR1 not really", "as parquet"),
+    }
+    for name, (content, reason) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=f"cannot read {re.escape(str(path))}.*{reason}"):
+            prepare_math("gsm8k", tmp_path / "out", path, split="train")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "test.parquet").write_bytes(b"not parquet either")
+    with pytest.raises(DataError, match="cannot read .*test.parquet as parquet"):
+        prepare_math("math500", tmp_path / "out", tmp_path / "dir")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_directory_that_cannot_be_created(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(DataError, match=re.escape(f"cannot create the output directory {a_file / 'sub'}: Not a directory")):
+        prepare_countdown(a_file / "sub", 3, 2)
+    src = write_jsonl(tmp_path / "m.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    with pytest.raises(DataError, match="cannot create the output directory"):
+        prepare_math("math500", a_file / "sub", src)
 
 
 def test_cli_reports_data_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

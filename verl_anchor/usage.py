@@ -26,8 +26,8 @@ def one_line(message: object) -> str:
 
 
 def out_dir(value: str) -> Path:
-    """An output directory: existing, or creatable (no file in the way)."""
-    path = Path(value).expanduser()
+    """An output directory: existing, or creatable (no file in the way); not an empty string."""
+    path = Path(_not_empty(value)).expanduser()
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():
@@ -35,6 +35,39 @@ def out_dir(value: str) -> Path:
                 raise argparse.ArgumentTypeError(f"{value} {where}, not a directory")
             break
     return path
+
+
+def in_path(value: str) -> Path:
+    """An input path (not checked here: each command says what it expects there); not an empty string."""
+    return Path(_not_empty(value)).expanduser()
+
+
+def _not_empty(value: str) -> str:
+    # Path("") is the current directory: an empty option (an unset shell variable) must not mean it.
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is empty: give a path")
+    return value
+
+
+def make_dir(path: Path, error: type[UsageError] = UsageError) -> Path:
+    """Create the output directory ``path`` (and its parents) if needed; ``error`` naming it when that is
+    impossible (a file in the way, no permission, a read-only or virtual file system)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise error(f"cannot create the output directory {path}: {err.strerror or err}") from None
+    return path
+
+
+def positive_int(value: str) -> int:
+    """An integer >= 1 (a count of steps, prompts, ...)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: use an integer >= 1")
+    return number
 
 
 def seed(value: str) -> int:

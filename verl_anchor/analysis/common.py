@@ -25,7 +25,7 @@ from verl_anchor.capture import AttentionCapture, CaptureError
 from verl_anchor.config import AnchorConfig
 from verl_anchor.credit import select_tokens, waad_jumps
 from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, response_signals
-from verl_anchor.usage import UsageError, model_ref, out_dir, seed
+from verl_anchor.usage import UsageError, in_path, make_dir, model_ref, out_dir, seed
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
 
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=model_ref, help="Hugging Face model id or local path (e.g. Qwen/Qwen3-4B-Base)")
     source.add_argument("--demo", action="store_true", help="use the tiny offline random model (no downloads)")
-    parser.add_argument("--prompts", type=Path, default=None,
+    parser.add_argument("--prompts", type=in_path, default=None,
                         help="jsonl with a `prompt` field per line (optional `response`: then no generation), or "
                              "a verl parquet such as `verl-anchor data gsm8k` writes; "
                              "default: three built-in arithmetic word problems")
@@ -80,6 +80,11 @@ def check_options(checks: list[tuple[str, Any, bool, str]]) -> None:
     for option, value, ok, allowed in checks:
         if not ok:
             raise AnalysisError(f"--{option}={value} is invalid: use {allowed}")
+
+
+def make_out(args: argparse.Namespace) -> Path:
+    """The `--out` directory, created; `AnalysisError` naming it when it cannot be."""
+    return make_dir(Path(args.out), AnalysisError)
 
 
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
@@ -114,7 +119,9 @@ def _jsonl_prompts(path: Path) -> list[dict[str, Any]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise AnalysisError(f"cannot read --prompts {path}: {err.strerror}") from err
+        raise AnalysisError(f"cannot read --prompts {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise AnalysisError(f"cannot read --prompts {path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     items = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -125,6 +132,9 @@ def _jsonl_prompts(path: Path) -> list[dict[str, Any]]:
             raise AnalysisError(f"{path}:{lineno}: not JSON ({err.msg})") from err
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise AnalysisError(f"{path}:{lineno}: each line must be a JSON object with a string `prompt`")
+        if item.get("response") is not None and not isinstance(item["response"], str):
+            raise AnalysisError(f"{path}:{lineno}: `response` is {type(item['response']).__name__}, expected a string "
+                                "(the response to analyze) or no `response` field (then one is generated)")
         items.append(item)
     return items
 

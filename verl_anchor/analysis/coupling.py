@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from verl_anchor.analysis.common import (
     ResponseAnalysis,
     Session,
     add_arguments,
+    make_out,
     check_options,
     floats,
     print_table,
@@ -171,8 +171,7 @@ def run(args: argparse.Namespace) -> int:
     options = PeakOptions(quantile=args.peak_quantile, radius=args.peak_radius, window=args.peak_window,
                           min_future=args.min_future, max_lag=args.max_lag, match_radius=args.match_radius,
                           receivers=args.receivers, shuffles=args.shuffles, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out(args)
     session = Session(args)
     responses = list(session.analyses("coupling"))
     result = {**session.meta(), "options": dataclasses.asdict(options), **coupling_statistics(responses, options)}

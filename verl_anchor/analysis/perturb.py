@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from verl_anchor.analysis.common import (
     ResponseAnalysis,
     Session,
     add_arguments,
+    make_out,
     check_options,
     print_table,
     user_errors,
@@ -88,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
                    ("candidates", args.candidates, args.candidates >= 1, "an integer >= 1"),
                    ("continuation-tokens", args.continuation_tokens, args.continuation_tokens >= 1, "an integer >= 1"),
                    ("min-future", args.min_future, args.min_future >= 0, "an integer >= 0")])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out(args)
     # Keep a few more candidates than asked: the response's own token and end/pad tokens are skipped.
     session = Session(args, candidates=args.candidates + 3)
     problems = [perturb_response(session, analysis, args) for analysis in session.analyses("perturb")]

@@ -23,6 +23,7 @@ from verl_anchor.analysis.common import (
     ResponseAnalysis,
     Session,
     add_arguments,
+    make_out,
     check_options,
     user_errors,
     write_json,
@@ -38,8 +39,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 @user_errors
 def run(args: argparse.Namespace) -> int:
     check_options([("map-bins", args.map_bins, args.map_bins >= 1, "an integer >= 1")])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out(args)
     session = Session(args, map_bins=args.map_bins)
     results = []
     for analysis in session.analyses("analyze"):

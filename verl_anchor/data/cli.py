@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from verl_anchor.data.countdown import prepare_countdown
 from verl_anchor.data.math_sets import DATASETS, HubUnavailable, prepare_math
-from verl_anchor.usage import UsageError, out_dir, seed
+from verl_anchor.usage import UsageError, in_path, out_dir, seed
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +16,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from",
         dest="from_path",
-        type=Path,
+        type=in_path,
         help="read a math set from this parquet/json/jsonl/csv file or directory (default: the Hugging Face hub)",
     )
     parser.add_argument(
@@ -42,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.from_path is not None:
         raise UsageError("countdown is generated locally; --from does not apply")
+    if args.split is not None and getattr(args, f"{args.split}_size") == 0:
+        raise UsageError(f"countdown: nothing to write: --split {args.split} with --{args.split}-size 0")
     prepare_countdown(
         args.out,
         train_size=0 if args.split == "test" else args.train_size,

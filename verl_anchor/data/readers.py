@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from verl_anchor.data.schema import DataError
@@ -21,10 +22,31 @@ if TYPE_CHECKING:
     from verl_anchor.data.math_sets import HubDataset
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
-
-
+# What reading a data file raises for a bad file (rather than a bug): OSError (no permission, a
+# directory), UnicodeError (not UTF-8), csv.Error, and pyarrow's errors (not parquet, truncated).
+UNREADABLE = (OSError, UnicodeError, csv.Error, pa.ArrowException)
 
 def read_file(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """The rows of one data file; `DataError` naming the file when it cannot be read or decoded."""
+    try:
+        yield from _read_file(path)
+    except UNREADABLE as exc:
+        raise unreadable(path, exc) from None
+
+
+def unreadable(path: Path, exc: BaseException) -> DataError:
+    """The `DataError` for a file that cannot be read (no permission, not UTF-8, not parquet, ...)."""
+    if isinstance(exc, UnicodeDecodeError):
+        reason = f"not UTF-8 text (byte {exc.start}: {exc.reason})"
+    elif isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:
+        reason = str(exc) or type(exc).__name__
+    kind = "parquet" if path.suffix.lower() == ".parquet" else path.suffix.lower().lstrip(".") or "data"
+    return DataError(f"cannot read {path} as {kind}: {reason}")
+
+
+def _read_file(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         batches = pq.ParquetFile(path).iter_batches(batch_size=4096)  # streamed: DAPO-Math-17k has ~1.8M rows
@@ -88,7 +110,10 @@ def local_source(
     if _is_saved_dataset(path):
         import datasets
 
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except UNREADABLE as exc:
+            raise unreadable(path, exc) from None
         if isinstance(loaded, datasets.DatasetDict):
             for key in (hub_split, split):
                 if key in loaded:
@@ -97,7 +122,10 @@ def local_source(
         if not single_split:
             raise DataError(f"{name}: {path} holds a single split: pass --split to say which one")
         return loaded, str(path)
-    files = _data_files(path)
+    try:
+        files = _data_files(path)
+    except OSError as exc:  # a subdirectory without permission
+        raise unreadable(path, exc) from None
     config = spec.config
     # A hub snapshot holds every config (gsm8k: main/ and socratic/); keep the one we want.
     if config and any(config.lower() in str(p.relative_to(path)).lower() for p in files):
@@ -117,7 +145,14 @@ def local_source(
 def iter_source(source: list[Path] | Any) -> tuple[Iterator[tuple[dict[str, Any], str]], int | None]:
     if isinstance(source, list):
         # Each file's rows; the total is known only for parquet without reading it.
-        all_parquet = all(p.suffix == ".parquet" for p in source)
-        total = sum(pq.read_metadata(p).num_rows for p in source) if all_parquet else None
+        all_parquet = all(p.suffix.lower() == ".parquet" for p in source)
+        total = sum(_parquet_rows(p) for p in source) if all_parquet else None
         return (item for p in source for item in read_file(p)), total
     return ((row, f"row {i}") for i, row in enumerate(source)), len(source)
+
+
+def _parquet_rows(path: Path) -> int:
+    try:
+        return pq.read_metadata(path).num_rows
+    except UNREADABLE as exc:
+        raise unreadable(path, exc) from None
