@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,154 @@ def test_train_offline_math_data_names_the_data_command(data_dir: Path, capsys: 
     line = assert_usage_error(["train", "math_qwen3_4b_1k", "--dry-run"], capsys,
                               f"verl-anchor data dapo-math-17k --from PATH --out {data_dir / 'dapo-math-17k'}")
     assert "pass --from" not in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: unreadable files, uncreatable --out, empty paths, odd values
+
+
+@pytest.fixture
+def bad_utf8(tmp_path: Path) -> Path:
+    path = tmp_path / "bad" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b'{"prompt": "\xff\xfe"}\n')
+    return path
+
+
+def test_unreadable_input_files_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             no_model_load: None, bad_utf8: Path) -> None:
+    out = str(tmp_path / "o")
+    assert_usage_error(["analyze", "--demo", "--prompts", str(bad_utf8), "--out", out], capsys,
+                       str(bad_utf8), "not UTF-8")
+    assert_usage_error(["data", "gsm8k", "--from", str(bad_utf8.parent), "--split", "train", "--out", out], capsys,
+                       str(bad_utf8), "not UTF-8")
+    not_parquet = tmp_path / "notparquet.parquet"
+    not_parquet.write_text("hi\n")
+    assert_usage_error(["data", "gsm8k", "--from", str(not_parquet), "--split", "train", "--out", out], capsys,
+                       f"cannot read {not_parquet} as parquet")
+    bad_csv = tmp_path / "test.csv"
+    bad_csv.write_bytes(b"problem,answer\n\xff,1\n")
+    assert_usage_error(["data", "math500", "--from", str(bad_csv), "--out", out], capsys, str(bad_csv), "not UTF-8")
+
+
+@pytest.mark.skipif(not Path("/proc/1").is_dir(), reason="needs Linux /proc")
+def test_out_that_cannot_be_created(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: None) -> None:
+    # /proc accepts no new directories, whoever asks (root included)
+    assert_usage_error(["data", "countdown", "--out", "/proc/1/nope", "--train-size", "3", "--test-size", "2"],
+                       capsys, "cannot create the output directory /proc/1/nope")
+    assert_usage_error(["analyze", "--demo", "--out", "/proc/1/nope"], capsys,
+                       "cannot create the output directory /proc/1/nope")
+
+
+def test_empty_paths_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: None,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty --out used to mean the current directory
+    assert_usage_error(["data", "countdown", "--out", "", "--train-size", "3", "--test-size", "2"], capsys,
+                       "argument --out", "empty")
+    assert_usage_error(["analyze", "--demo", "--out", " "], capsys, "argument --out", "empty")
+    assert_usage_error(["demo", "--out", ""], capsys, "argument --out", "empty")
+    assert_usage_error(["analyze", "--demo", "--prompts", "", "--out", "o"], capsys, "argument --prompts", "empty")
+    assert_usage_error(["data", "gsm8k", "--from", "", "--out", "o"], capsys, "argument --from", "empty")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("response", [5, ["a"], {"text": "a"}, True])
+def test_jsonl_response_must_be_text(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: None,
+                                     response: object) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Count to three."}) + "\n"
+                       + json.dumps({"prompt": "Count to four.", "response": response}) + "\n")
+    assert_usage_error(["analyze", "--demo", "--prompts", str(prompts), "--out", str(tmp_path / "o")], capsys,
+                       f"{prompts}:2", "`response`", "expected a string")
+
+
+def test_jsonl_null_response_means_generate(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "p", "response": None}) + "\n")
+    assert common.load_prompts(prompts) == [{"prompt": "p", "response": None}]
+
+
+def test_countdown_selected_split_of_size_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "cd")
+    line = assert_usage_error(["data", "countdown", "--out", out, "--split", "test", "--test-size", "0",
+                               "--train-size", "3"], capsys, "nothing to write", "--split test with --test-size 0")
+    assert "both" not in line
+    assert not (tmp_path / "cd").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: demo options are checked before anything is built
+
+
+@pytest.fixture
+def nothing_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    from verl_anchor import demo
+
+    monkeypatch.setattr(demo, "demo_overrides", lambda *args, **kwargs: pytest.fail("the demo started building"))
+
+
+@pytest.mark.parametrize("steps", ["0", "-1", "two", "1.5"])
+def test_demo_steps_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str], nothing_built: None,
+                                     steps: str) -> None:
+    assert_usage_error(["demo", "--out", str(tmp_path / "d"), "--steps", steps], capsys, "argument --steps")
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_unknown_estimator_with_a_suggestion(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  nothing_built: None) -> None:
+    from verl_anchor.demo import check_estimator
+
+    assert_usage_error(["demo", "--out", str(tmp_path / "d"), "--estimator", "anchor_copuled"], capsys,
+                       "--estimator 'anchor_copuled'", "did you mean anchor_coupled?", "rloo")
+    assert_usage_error(["demo", "--out", str(tmp_path / "d"), "--estimator", "zzz"], capsys, "not an advantage estimator")
+    assert not (tmp_path / "d").exists()
+    for name in ("anchor_coupled", "anchor_random", "grpo", "gae", "rloo", "reinforce_plus_plus"):
+        check_estimator(name)  # accepted
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: train
+
+
+def test_train_data_dir_that_cannot_be_created(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    monkeypatch.setenv("VERL_ANCHOR_DATA", str(a_file))
+    assert_usage_error(["train", "countdown_qwen3_4b", "--dry-run"], capsys,
+                       f"cannot create the output directory {a_file / 'countdown'}", "VERL_ANCHOR_DATA")
+    monkeypatch.setenv("VERL_ANCHOR_DATA", "")  # the recipes would read and write /countdown/...
+    assert_usage_error(["train", "countdown_qwen3_4b", "--dry-run"], capsys, "$VERL_ANCHOR_DATA is set but empty")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm.anchor=5"], "algorithm.anchor=5 must be a mapping"),
+    (["algorithm.anchor.base_estimator=[1]"], "algorithm.anchor.base_estimator=[1] must be an estimator name"),
+    (["+algorithm.anchor.k=[1]"], "algorithm.anchor.k"),
+    (["data.train_files=5"], "data.train_files=5 must be a path"),
+])
+def test_train_values_of_the_wrong_type(data_dir: Path, capsys: pytest.CaptureFixture[str],
+                                        overrides: list[str], message: str) -> None:
+    assert_usage_error(["train", "countdown_qwen3_4b", "--dry-run", *overrides], capsys, "invalid config", message)
+    assert not data_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: a refusal's stderr is its one error line (no library warnings, logs or bars)
+
+
+def test_refusals_print_only_the_error_line(tmp_path: Path) -> None:
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    env = {**os.environ, "VERL_ANCHOR_DATA": str(tmp_path / "data")}
+    env.pop("PYTHONWARNINGS", None)
+    for argv, fragment in [
+        # imports verl (accelerator / engine warnings, "Disabled critic ...") before refusing
+        (["train", "countdown_qwen3_4b", "--dry-run", "+algorithm.anchor.k=-1"], "algorithm.anchor.k=-1"),
+        (["data", "countdown", "--out", str(existing)], "is an existing file"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "verl_anchor.cli", *argv], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], done.stderr

@@ -8,13 +8,14 @@ each step's anchor metrics as it finishes, and says where everything went.
 from __future__ import annotations
 
 import argparse
+import difflib
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from verl_anchor.usage import out_dir
+from verl_anchor.usage import UsageError, make_dir, out_dir, positive_int
 
 SHOWN = [
     ("timing_s/step", "step s"),
@@ -35,11 +36,30 @@ SHOWN = [
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=out_dir, default=Path("outputs/demo"), help="where model, data and logs go")
-    parser.add_argument("--steps", type=int, default=3, help="GRPO steps")
+    parser.add_argument("--steps", type=positive_int, default=3, help="GRPO steps (an integer >= 1)")
     parser.add_argument("--estimator", default="anchor_coupled",
                         help="algorithm.adv_estimator (anchor_local_chunk, anchor_global_anchor, anchor_coupled, "
                              "anchor_random, anchor_entropy, or grpo for the plain baseline)")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides passed to verl, e.g. +algorithm.anchor.ratio=0.2")
+
+
+def check_estimator(name: str) -> None:
+    """`UsageError` unless ``name`` is an anchor estimator or one verl knows (before anything is built)."""
+    from verl_anchor.integration.settings import ANCHOR_ESTIMATORS
+
+    plain = ("gae", "grpo")  # verl computes gae outside its registry
+    if name in ANCHOR_ESTIMATORS or name in plain:
+        return
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+
+    verl_names = sorted({*ADV_ESTIMATOR_REGISTRY, *plain} - set(ANCHOR_ESTIMATORS))
+    if name in verl_names:
+        return
+    close = difflib.get_close_matches(name, [*ANCHOR_ESTIMATORS, *verl_names], n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise UsageError(f"--estimator {name!r} is not an advantage estimator: {hint}"
+                     f"use one of the anchor estimators ({', '.join(ANCHOR_ESTIMATORS)}) "
+                     f"or one of verl's ({', '.join(verl_names)})")
 
 
 def _override_value(overrides: list[str], key: str) -> str | None:
@@ -86,9 +106,9 @@ def demo_overrides(out: Path, steps: int, estimator: str, user_overrides: list[s
 def run(args: argparse.Namespace) -> int:
     from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
 
+    check_estimator(args.estimator)
     console = Console()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(args.out.resolve())
     with console.status("building the tiny model, tokenizer and Countdown data (first run only)"):
         overrides = demo_overrides(out, args.steps, args.estimator, list(args.overrides))
     log_path = out / "main_ppo.log"

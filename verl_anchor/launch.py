@@ -18,11 +18,12 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from verl_anchor.data import DATASETS, HubUnavailable, prepare_countdown, prepare_math
-from verl_anchor.usage import UsageError
+from verl_anchor.usage import UsageError, make_dir
 
 # The recipes' base config, not a recipe of its own.
 _BASE_CONFIG = "anchor_base"
@@ -75,12 +76,30 @@ def validate(config: Any) -> None:
 
     from verl_anchor.integration.settings import read_settings
 
+    _check_anchor_types(config)
     try:
         validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
         read_settings(config)
-    # verl's checks are assertions and ValueErrors about the config's values.
-    except (AssertionError, ValueError, OmegaConfBaseException) as err:
+    # verl's checks are assertions and ValueErrors about the config's values; a value of the wrong
+    # type (a list where a number belongs) surfaces as a TypeError.
+    except (AssertionError, ValueError, TypeError, OmegaConfBaseException) as err:
         raise UsageError(f"invalid config: {err}") from err
+
+
+def _check_anchor_types(config: Any) -> None:
+    """`algorithm.anchor` is a mapping and its ``base_estimator`` a name (the checks below assume both)."""
+    from omegaconf import DictConfig
+
+    block = config.algorithm.get("anchor", None)
+    if block is None:
+        return
+    if not isinstance(block, DictConfig):
+        raise UsageError(f"invalid config: algorithm.anchor={block!r} must be a mapping of anchor options "
+                         "(set single options, e.g. +algorithm.anchor.ratio=0.2)")
+    base = block.get("base_estimator", None)
+    if base is not None and not isinstance(base, str):
+        raise UsageError(f"invalid config: algorithm.anchor.base_estimator={base!r} must be an estimator name "
+                         "such as grpo, gae, rloo or reinforce_plus_plus")
 
 
 def data_files(config: Any) -> list[Path]:
@@ -88,7 +107,10 @@ def data_files(config: Any) -> list[Path]:
     files = []
     for key in ("train_files", "val_files"):
         value = config.data[key]
-        files += [Path(v) for v in ([value] if isinstance(value, str) else value)]
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, Sequence) or not all(isinstance(v, str) and v for v in values):
+            raise UsageError(f"invalid config: data.{key}={value!r} must be a path or a list of paths")
+        files += [Path(v) for v in values]
     return files
 
 
@@ -98,6 +120,12 @@ def ensure_data(files: list[Path]) -> None:
         if path.exists():
             continue
         name = path.parent.name
+        if name == "countdown" or name in DATASETS:
+            try:
+                make_dir(path.parent)
+            except UsageError as err:
+                raise UsageError(f"{err}; set $VERL_ANCHOR_DATA (or data.train_files / data.val_files) "
+                                 "to a writable place") from None
         if name == "countdown":
             prepare_countdown(path.parent, train_size=20_000, test_size=512, seed=0)
         elif name in DATASETS:
@@ -115,6 +143,10 @@ def ensure_data(files: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if os.environ.get("VERL_ANCHOR_DATA", None) is not None and not os.environ["VERL_ANCHOR_DATA"].strip():
+        # The recipes would read `/countdown/train.parquet` (and write it there if missing).
+        raise UsageError("$VERL_ANCHOR_DATA is set but empty: unset it (the default is ~/data/verl_anchor) "
+                         "or set it to a directory")
     config = compose_recipe(args.recipe, list(args.overrides))
     validate(config)
     ensure_data(data_files(config))
