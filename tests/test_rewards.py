@@ -16,7 +16,7 @@ import pytest
 
 from verl_anchor.rewards import compute_score, math_verify_pool
 from verl_anchor.rewards.boxed_math import last_boxed
-from verl_anchor.rewards.math_verify_pool import ATTEMPTS, MathVerifier, MathVerifyUnavailable
+from verl_anchor.rewards.math_verify_pool import ATTEMPTS, MAX_TIMEOUT_S, MathVerifier, MathVerifyUnavailable, check_timeout
 from verl_anchor.rewards.countdown import MAX_ANSWER_CHARS, last_answer, parse_equation, score_countdown
 
 # (7 - 5) * 3 * 2 = 12, checked by hand.
@@ -306,7 +306,7 @@ def test_math_hostile_answer_off_main_thread_scores_zero_within_timeout() -> Non
     assert result["score"] == 0.0 and result["seconds"] < 1.0 + 1.5
 
 
-@pytest.mark.parametrize("timeout_s", [-1.0, 0.0, math.nan, math.inf, "10"])
+@pytest.mark.parametrize("timeout_s", [-1.0, 0.0, math.nan, math.inf, "10", 1e10, MAX_TIMEOUT_S + 1])
 def test_math_bad_timeout_rejected_without_starting_a_worker(timeout_s: Any) -> None:
     children = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(ValueError, match="timeout_s"):
@@ -315,6 +315,66 @@ def test_math_bad_timeout_rejected_without_starting_a_worker(timeout_s: Any) -> 
         compute_score("verl_anchor/math500", "no box", "4", timeout_s=timeout_s)
     time.sleep(0.2)
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= children
+
+
+def test_math_timeout_cap() -> None:
+    # Today's main let 1e10 through and raised OverflowError at the pool's first comparison.
+    assert check_timeout(MAX_TIMEOUT_S) == MAX_TIMEOUT_S == 86_400
+    with pytest.raises(ValueError, match="timeout_s must be at most 86400 seconds"):
+        check_timeout(1e10)
+
+
+def test_math_pool_replaced_by_another_thread_wakes_its_waiters(
+    no_retry_delay: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Thread A's task waits in the first pool; thread B's comparison finds that pool broken and
+    # replaces it. Today's main left A waiting timeout_s + 60 s for a pool that no longer ran,
+    # then logged "no worker took the task" and used up one of A's attempts.
+    scheduled = threading.Event()
+
+    class FirstPoolBreaksOnItsSecondTask(math_verify_pool.ProcessPool):
+        pools = 0
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            type(self).pools += 1
+            self.first, self.tasks = type(self).pools == 1, 0
+
+        def schedule(self, *args: Any, **kwargs: Any) -> Any:
+            self.tasks += 1
+            if self.first and self.tasks == 2:
+                raise RuntimeError("the pool broke")
+            future = super().schedule(*args, **kwargs)
+            scheduled.set()
+            return future
+
+    monkeypatch.setattr(math_verify_pool, "ProcessPool", FirstPoolBreaksOnItsSecondTask)
+    verifier = MathVerifier(2)
+    results: dict[str, Any] = {}
+
+    def compare(name: str, gold: str, pred: str) -> None:
+        start = time.perf_counter()
+        results[name] = verifier.verify(gold, pred, timeout_s=3.0)
+        results[name + " s"] = time.perf_counter() - start
+
+    a = threading.Thread(target=compare, args=("a", "\\frac{1}{2}", "0.5"), daemon=True)
+    b = threading.Thread(target=compare, args=("b", "72", "\\frac{144}{2}"), daemon=True)
+    try:
+        with caplog.at_level("WARNING", logger=math_verify_pool.__name__):
+            a.start()
+            assert scheduled.wait(20)
+            b.start()
+            a.join(timeout=30)
+            b.join(timeout=30)
+        assert not a.is_alive() and not b.is_alive(), "a waiter was left on the discarded pool"
+        assert results["a"] is True and results["b"] is True
+        assert results["a s"] < 30 and results["b s"] < 30
+        warnings = [r.getMessage() for r in caplog.records]
+        assert not any("no worker took the task" in w for w in warnings), warnings
+        assert sum("pool failed" in w for w in warnings) == 1, warnings  # B's, and only B's
+        assert FirstPoolBreaksOnItsSecondTask.pools == 2  # A and B both went on with the one fresh pool
+    finally:
+        verifier.close()
 
 
 def test_math_verify_import_failure_is_loud(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,12 @@ no worker picked up the task within `START_GRACE_S`) is stopped and replaced by 
 One comparison tries at most `ATTEMPTS` pools, waiting `RETRY_DELAYS_S` between them; if the
 last one fails too, `MathVerifyUnavailable` is raised, which stops training with the cause
 instead of scoring answers 0. So one comparison takes at most
-``ATTEMPTS * (timeout_s + START_GRACE_S) + sum(RETRY_DELAYS_S)`` seconds.
+``ATTEMPTS * (timeout_s + START_GRACE_S) + sum(RETRY_DELAYS_S)`` seconds. A pool that another
+thread's comparison replaced is not a failure of this one: its waiters are woken at once and
+resubmit to the fresh pool without using up an attempt (at most `ATTEMPTS` such resubmissions
+per comparison; later ones count as failures).
+
+``timeout_s`` must be a positive finite number of seconds, at most `MAX_TIMEOUT_S` (a day).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ RETRY_DELAYS_S = (1.0, 2.0)
 # How long a task may wait for a worker to pick it up (a spawned worker imports math-verify
 # first, ~2 s on an idle machine); the per-task timeout only starts once a worker has it.
 START_GRACE_S = 60.0
+# Longest accepted per-comparison timeout: longer ones overflow the pool's time arithmetic
+# (1e10 s) and would only ever mean "no timeout", which a hostile answer turns into a hang.
+MAX_TIMEOUT_S = 86_400.0
 
 
 class MathVerifyUnavailable(RuntimeError):
@@ -50,12 +58,14 @@ class MathVerifyUnavailable(RuntimeError):
 
 
 def check_timeout(timeout_s: float) -> float:
-    """``timeout_s`` if it is a positive finite number of seconds, else ``ValueError``."""
+    """``timeout_s`` if it is a positive finite number of seconds up to `MAX_TIMEOUT_S`, else ``ValueError``."""
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
         raise ValueError(f"timeout_s must be a number of seconds, got {timeout_s!r}")
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         # 0 would mean "no timeout" to pebble and a negative one kills every worker at once.
         raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
+    if timeout_s > MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s must be at most {MAX_TIMEOUT_S:.0f} seconds (a day), got {timeout_s!r}")
     return float(timeout_s)
 
 
@@ -92,6 +102,21 @@ def verify_answers(gold: str, pred: str) -> bool:
         return False
 
 
+class _Replaced(RuntimeError):
+    """The pool of this attempt was discarded by another thread before the task finished."""
+
+    def __init__(self) -> None:
+        super().__init__("another comparison replaced the pool")
+
+
+class _Generation:
+    """One pool and a future that completes when it is discarded (which wakes every waiter on it)."""
+
+    def __init__(self, pool: ProcessPool) -> None:
+        self.pool = pool
+        self.discarded: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+
 class MathVerifier:
     """At most ``workers`` comparisons at a time, each in a pool worker; safe to call from many threads."""
 
@@ -102,60 +127,84 @@ class MathVerifier:
         # One task per worker in flight, so a scheduled task never queues behind another.
         self._slots = threading.BoundedSemaphore(workers)
         self._lock = threading.Lock()
-        self._pool: ProcessPool | None = None
+        self._generation: _Generation | None = None
 
-    def _current_pool(self) -> ProcessPool:
+    def _current(self) -> _Generation:
         with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPool(self._workers, initializer=_init_worker, context=self._context)
-            return self._pool
+            if self._generation is None:
+                pool = ProcessPool(self._workers, initializer=_init_worker, context=self._context)
+                self._generation = _Generation(pool)
+            return self._generation
 
-    def _discard(self, pool: ProcessPool) -> None:
-        """Stop ``pool`` (its workers included) and forget it, unless another thread already did."""
+    def _discard(self, generation: _Generation) -> None:
+        """Stop ``generation``'s pool (its workers included) and wake its waiters, unless another thread did."""
         with self._lock:
-            if self._pool is not pool:
+            if self._generation is not generation:
                 return
-            self._pool = None
-        pool.stop()
-        pool.join()
+            self._generation = None
+        _stop(generation)
 
     def close(self) -> None:
         """Stop the workers; a later call starts a fresh pool."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.stop()
-            pool.join()
+            generation, self._generation = self._generation, None
+        if generation is not None:
+            _stop(generation)
 
     def verify(self, gold: str, pred: str, timeout_s: float) -> bool:
         """Whether ``pred`` is equivalent to ``gold``; False when the comparison overruns ``timeout_s``."""
         timeout_s = check_timeout(timeout_s)
         with self._slots:
             failure: BaseException | None = None
-            for attempt in range(ATTEMPTS):
-                if attempt:
-                    time.sleep(RETRY_DELAYS_S[attempt - 1])
-                pool = self._current_pool()
+            failed = replaced = 0
+            while failed < ATTEMPTS:
+                generation = self._current()
                 try:
-                    future = pool.schedule(verify_answers, (gold, pred), timeout=timeout_s)
-                    done, _ = concurrent.futures.wait([future], timeout=timeout_s + START_GRACE_S)
-                    if not done:
-                        future.cancel()
-                        raise MathVerifyUnavailable(f"no worker took the task within {START_GRACE_S:.0f} s")
-                    return future.result()
-                except concurrent.futures.TimeoutError:
-                    logger.warning("math-verify timed out after %.1fs on answer %.80r; scoring 0", timeout_s, pred)
-                    return False
-                except ProcessExpired as exc:  # the worker died on this answer (e.g. out of memory)
-                    logger.warning("math-verify worker died (%s) on answer %.80r; scoring 0", exc, pred)
-                    return False
-                except (RuntimeError, OSError) as exc:  # the pool failed as a whole (BrokenProcessPool included)
+                    return self._attempt(generation, gold, pred, timeout_s)
+                except (_Replaced, RuntimeError, OSError) as exc:  # RuntimeError: BrokenProcessPool included
+                    if generation.discarded.done() and replaced < ATTEMPTS:
+                        # Another thread's comparison stopped this pool: not a failure of this one.
+                        replaced += 1
+                        continue
                     failure = exc
-                    logger.warning("math-verify pool failed (%s); starting a fresh one (%d/%d)", exc, attempt + 1, ATTEMPTS)
-                    self._discard(pool)
+                    failed += 1
+                    logger.warning("math-verify pool failed (%s); starting a fresh one (%d/%d)", exc, failed, ATTEMPTS)
+                    self._discard(generation)
+                if failed < ATTEMPTS:
+                    time.sleep(RETRY_DELAYS_S[failed - 1])
             raise MathVerifyUnavailable(
                 f"math-verify worker pool failed {ATTEMPTS} times in a row; last error: {failure!r}"
             ) from failure
+
+    @staticmethod
+    def _attempt(generation: _Generation, gold: str, pred: str, timeout_s: float) -> bool:
+        """One try on ``generation``'s pool; `_Replaced` when another thread discards it meanwhile."""
+        future = generation.pool.schedule(verify_answers, (gold, pred), timeout=timeout_s)
+        done, _ = concurrent.futures.wait([future, generation.discarded], timeout=timeout_s + START_GRACE_S,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        if future not in done:
+            future.cancel()
+            if generation.discarded in done:
+                raise _Replaced()
+            raise MathVerifyUnavailable(f"no worker took the task within {START_GRACE_S:.0f} s")
+        try:
+            return future.result()
+        except concurrent.futures.TimeoutError:
+            logger.warning("math-verify timed out after %.1fs on answer %.80r; scoring 0", timeout_s, pred)
+            return False
+        except ProcessExpired as exc:  # the worker died on this answer (e.g. out of memory)
+            if generation.discarded.done():
+                raise _Replaced() from None  # killed by another thread's discard, not by this answer
+            logger.warning("math-verify worker died (%s) on answer %.80r; scoring 0", exc, pred)
+            return False
+
+
+def _stop(generation: _Generation) -> None:
+    """Wake the generation's waiters, then stop its pool and workers."""
+    if not generation.discarded.done():
+        generation.discarded.set_result(None)
+    generation.pool.stop()
+    generation.pool.join()
 
 
 _verifier: MathVerifier | None = None
