@@ -153,3 +153,23 @@ def test_short_window_without_max_length_is_refused_at_the_forward(arch):
     assert len(capture.pop()) == 1
     with pytest.raises(CaptureError, match="max_length=0 is invalid"):
         AttentionCapture(model, AnchorConfig(layers=[1]), max_length=0)
+
+
+def test_exaone4_full_attention_layers_are_read_with_a_short_window():
+    """EXAONE 4 sets `sliding_window` on every attention module but uses it only on its sliding layers
+    (layer_types): with a window shorter than max_length the full-attention layer is exact, sliding ones refused."""
+    model = build("exaone4", sliding_window=8)
+    assert model.config.layer_types[3] == "full_attention"
+    assert capturable_layers(model, max_length=LONGEST) == [3]
+    with pytest.raises(CaptureError, match=r"layer 1: sliding attention over 8 tokens.*can read are \[3\]"):
+        AttentionCapture(model, AnchorConfig(layers=[1]), max_length=LONGEST)
+    cfg = AnchorConfig(layers=[3], fai_h_lo=CFG.fai_h_lo, fai_h_hi=CFG.fai_h_hi, window=CFG.window)
+    packed = torch.tensor([sum(SEQS, [])])
+    positions = torch.tensor([sum((list(range(len(s))) for s in SEQS), [])])
+    for max_length in (LONGEST, None):  # refused neither when built nor at the forward
+        with torch.no_grad(), AttentionCapture(model, cfg, max_length=max_length) as capture:
+            model(packed, position_ids=positions, use_cache=False)
+        ends = torch.tensor([len(s) for s in SEQS]).cumsum(0).tolist()
+        segments = [(0, torch.arange(end - len(seq), end)) for seq, end in zip(SEQS, ends)]
+        attentions = eager_attentions(model, [3], packed, position_ids=positions)
+        check_against_eager(capture.pop(), attentions, [3], segments)

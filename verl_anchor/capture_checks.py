@@ -145,6 +145,10 @@ def _extent_limit(config: Any, module: torch.nn.Module, kind: str | None) -> tup
     """("sliding", window) or ("chunked", chunk size) of one attention layer; size None when unlimited."""
     if kind == "chunked_attention":
         return "chunked", getattr(config, "attention_chunk_size", None)
+    if kind == "full_attention":
+        # layer_types decides: EXAONE 4 sets `sliding_window` on every attention module but passes it to the
+        # attention function only on sliding layers. A window the function does get is still checked per forward.
+        return "sliding", None
     windows = [getattr(module, "sliding_window", None)]
     if kind in (None, "sliding_attention"):  # without layer_types a config window applies to every layer
         windows.append(getattr(config, "sliding_window", None))
