@@ -105,6 +105,43 @@ def test_captures_of_two_models_in_two_threads():
     assert registry() == before
 
 
+def test_capturing_one_model_in_two_threads_at_once_is_refused():
+    """The forward state is per capture: a second thread's capture of the same model is refused when entered
+    (it used to fail with an obscure cu_seqlens error, or silently mix the two threads' forwards)."""
+    model, before = build(), registry()
+    expected = captured(model, ids=SEQS[1])
+    entered, done, errors = threading.Event(), threading.Event(), []
+
+    def hold():  # thread 1 keeps a capture of `model` active
+        try:
+            with torch.no_grad(), AttentionCapture(model, CFG) as capture:
+                entered.set()
+                done.wait(30)
+                model(torch.tensor([SEQS[1]]), use_cache=False)
+            assert_same(capture.pop(), expected)
+        except Exception as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert entered.wait(30)
+        second = AttentionCapture(model, CFG)
+        with pytest.raises(CaptureError, match="already being captured by an AttentionCapture entered in another "
+                                               "thread"):
+            second.__enter__()
+        with torch.no_grad(), AttentionCapture(build(seed=1), CFG):  # another model in this thread: fine
+            pass
+    finally:
+        done.set()
+        thread.join()
+    assert errors == []
+    with torch.no_grad(), second:  # once the other thread is done, the same capture can be entered here
+        model(torch.tensor([SEQS[1]]), use_cache=False)
+    assert_same(second.pop(), expected)
+    assert registry() == before
+
+
 def test_exit_after_a_failed_forward_restores_the_registry():
     model, before = build(), registry()
     with pytest.raises(CaptureError, match="without a KV cache"):

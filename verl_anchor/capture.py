@@ -42,7 +42,10 @@ call to each active capture (each records only its own model's selected layers) 
 the function that was there before. The first capture to enter installs it and the last to
 exit puts the entry back exactly as it found it, so captures may nest, exit in any order, and
 run at the same time on different models in different threads; the registry holds no capture
-once all have exited. Entering a capture that is already active is refused. Using the model's
+once all have exited. Entering a capture that is already active is refused, and so is entering a
+capture of a model that a capture entered in another thread is still capturing: the state of the
+forward in progress is per capture, not per thread, and each capture's hooks see every forward of
+its model, so two threads capturing one model would mix their forwards. Using the model's
 existing name matters: a new name would need its own mask function, and without one
 transformers silently drops the padding mask.
 
@@ -97,7 +100,9 @@ class _Forward:
     layout: SequenceLayout
     stats: dict[int, PackedTokenStats] = dataclasses.field(default_factory=dict)  # by layer
     maps: dict[int, list[torch.Tensor]] = dataclasses.field(default_factory=dict)  # by layer, per sequence
-    mask_checks: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # read after the forward
+    # id(mask) -> (first layer, mask, agrees): one check per mask tensor (layers share theirs), read after the
+    # forward; holding the mask keeps its id its own
+    mask_checks: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 class AttentionCapture:
@@ -139,6 +144,7 @@ class AttentionCapture:
         self._forward: _Forward | None = None
         self._finished: list[tuple[PackedTokenStats, list[torch.Tensor] | None]] = []  # (stats, maps) per forward
         self._handles: list[Any] = []
+        self._thread: int | None = None  # the thread that entered the capture (one model, one thread: _Registry)
         self.seconds = 0.0  # host time spent on statistics (not in the model's own attention)
 
     # -- context manager -------------------------------------------------------------------
@@ -217,8 +223,8 @@ class AttentionCapture:
             raise CaptureError(f"layers {absent} were not run through the attention function during the forward; "
                                f"{type(module).__name__} does not use transformers' attention functions there")
         if forward.mask_checks:  # one read for the checks of all layers
-            agree = torch.stack([check for _, check in forward.mask_checks]).tolist()
-            for (layer, _), ok in zip(forward.mask_checks, agree):
+            checks = list(forward.mask_checks.values())
+            for (layer, _, _), ok in zip(checks, torch.stack([agree for _, _, agree in checks]).tolist()):
                 if not ok:
                     raise self._mask_error(layer, forward.layout)
         stats = stats_engine.stack_layers([forward.stats[layer] for layer in self.layers])
@@ -292,17 +298,20 @@ class AttentionCapture:
         if mask is None:
             # Flash attention splits packed rows itself, by the position_ids the capture also read;
             # eager and sdpa get no mask only for causal rows without padding.
-            agree = "flash" in self.implementation or layout.whole_rows
-        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:  # flash: a padding mask, never a packing one
-            agree = layout.one_per_row and layout.unmasked(mask)
-        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            agree = layout.separated_by(mask)
-        else:
+            if not ("flash" in self.implementation or layout.whole_rows):
+                raise self._mask_error(layer, layout)
+            return
+        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
             return  # a mask format the check does not read (e.g. flex attention's BlockMask)
-        if isinstance(agree, torch.Tensor):
-            forward.mask_checks.append((layer, agree))
-        elif not agree:
-            raise self._mask_error(layer, layout)
+        if id(mask) in forward.mask_checks:  # held there, so the id is this mask's: an earlier layer's, checked
+            return
+        if mask.dim() == 2:  # flash: a padding mask, never a packing one
+            if not layout.one_per_row:
+                raise self._mask_error(layer, layout)
+            agree = layout.unmasked(mask)
+        else:
+            agree = layout.separated_by(mask)
+        forward.mask_checks[id(mask)] = (layer, mask, agree)
 
     def _mask_error(self, layer: int, layout: SequenceLayout) -> CaptureError:
         return CaptureError(
@@ -326,6 +335,15 @@ class _Registry:
             if any(active is capture for active in self.active):
                 raise CaptureError("this AttentionCapture is already active: enter it once at a time "
                                    "(build a second capture to capture the same model twice)")
+            thread = threading.get_ident()
+            if any(active.decoder is capture.decoder and active._thread != thread for active in self.active):
+                raise CaptureError(
+                    f"this {type(capture.decoder).__name__} is already being captured by an AttentionCapture "
+                    "entered in another thread; the captures of one model share its forward hooks and the state "
+                    "of the forward in progress, so they cannot run in two threads at once: capture that model in "
+                    "one thread at a time, or give each thread its own copy of the model"
+                )
+            capture._thread = thread
             name = capture.implementation
             if name not in self._installed:
                 previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get(name, _MISSING)
