@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from verl_anchor import AnchorConfig, stats_engine
 from verl_anchor.capture import AttentionCapture
+from verl_anchor.capture_layout import SequenceLayout
 
 from test_capture import build
 
@@ -184,3 +185,21 @@ def test_torch_path_equals_token_stats_per_sequence_in_every_layout():
             for name in ("row_span", "waad", "fai"):
                 torch.testing.assert_close(getattr(stats, name), getattr(expected, name), atol=1e-5, rtol=0,
                                            equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_a_mask_shared_by_the_layers_is_checked_once_per_forward(monkeypatch, layout):
+    """sdpa hands every layer the same 4-D mask: one check per forward, not one per layer."""
+    checks, real = [], SequenceLayout.separated_by
+
+    def separated_by(self, mask):
+        checks.append(mask)
+        return real(self, mask)
+
+    monkeypatch.setattr(SequenceLayout, "separated_by", separated_by)
+    model = build("qwen3", "sdpa")
+    with torch.no_grad(), AttentionCapture(model, CFG) as capture:
+        model(**inputs(sequences(3), layout), use_cache=False)
+        model(**inputs(sequences(3), layout), use_cache=False)
+    assert len(checks) == 2 and all(mask.dim() == 4 for mask in checks)
+    assert len(capture.pop()) == 6
