@@ -182,3 +182,51 @@ def test_sequence_segments_rules():
     segments = sequence_segments(2, 4, mask, positions[:, :4].expand(2, 4), torch.device("cpu"))
     assert [(row, idx.tolist()) for row, idx in segments] == [(0, [1, 2]), (1, [0, 1, 2, 3])]
     assert [idx.tolist() for _, idx in sequence_segments(1, 3, None, None, torch.device("cpu"))] == [[0, 1, 2]]
+
+
+def test_flash_packing_rules():
+    """Under flash attention, position_ids mark packed sequences only in a batch of one row, split where they are 0
+    (transformers' _is_packed_sequence / prepare_fa_kwargs_from_position_ids): other packings are refused."""
+    from verl_anchor.capture_layout import find_sequences
+
+    cpu = torch.device("cpu")
+
+    def lengths(*args, flash=True):
+        return list(find_sequences(*args, cpu, flash).lengths)
+
+    restart = torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]])
+    assert lengths(2, 4, None, restart, flash=False) == [2, 2, 4]  # sdpa/eager split every row
+    with pytest.raises(CaptureError, match="batch of 2 rows: flash attention treats each row"):
+        lengths(2, 4, None, restart)
+    assert lengths(2, 4, None, torch.arange(4)[None].expand(2, 4)) == [4, 4]  # no restart: accepted
+    late = torch.tensor([[0, 1, 2, 5, 6, 7]])
+    assert lengths(1, 6, None, late, flash=False) == [3, 3]
+    with pytest.raises(CaptureError, match="do not all start at position 0.*use_remove_padding=True"):
+        lengths(1, 6, None, late)
+    with pytest.raises(CaptureError, match="do not all start at position 0"):
+        lengths(1, 4, None, torch.tensor([[3, 4, 0, 1]]))
+    assert lengths(1, 5, None, torch.tensor([[0, 1, 2, 0, 1]])) == [3, 2]  # verl's packed row
+    assert lengths(1, 3, None, torch.tensor([[4, 5, 6]])) == [3]  # one offset sequence: not packed
+    # A mask without padding is dropped by flash attention, which then reads a single row's position_ids.
+    full = torch.ones(1, 5, dtype=torch.long)
+    assert lengths(1, 5, full, torch.tensor([[0, 1, 2, 0, 1]]), flash=False) == [5]
+    assert lengths(1, 5, full, torch.tensor([[0, 1, 2, 0, 1]])) == [3, 2]
+    padded = torch.tensor([[0, 1, 1, 1, 1]])  # padding: the mask decides, as in flash's unpadding path
+    assert lengths(1, 5, padded, torch.tensor([[0, 0, 1, 2, 3]])) == [4]
+
+
+def test_flash_packing_is_refused_at_the_forward():
+    """The pre-hook applies the flash rules under any implementation whose name contains "flash"."""
+    model = build("qwen3", "sdpa")
+    AttentionInterface.register("flash_stand_in", ALL_ATTENTION_FUNCTIONS["sdpa"])  # no flash-attn on CPU
+    model.config._attn_implementation_internal = "flash_stand_in"
+    ids = torch.tensor([SEQS[0][:4], SEQS[1][:4]])
+    positions = torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]])
+    try:
+        with torch.no_grad(), AttentionCapture(model, CFG) as capture:
+            with pytest.raises(CaptureError, match="batch of 2 rows: flash attention treats each row"):
+                model(ids, position_ids=positions, use_cache=False)
+            model(torch.tensor([SEQS[0][:5]]), position_ids=torch.tensor([[0, 1, 2, 0, 1]]), use_cache=False)
+        assert [s.waad.shape[1] for s in capture.pop()] == [3, 2]
+    finally:
+        del AttentionInterface._global_mapping["flash_stand_in"]

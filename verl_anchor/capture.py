@@ -209,9 +209,11 @@ class AttentionCapture:
             use_cache = getattr(module.config, "use_cache", False)
         if getattr(module, "gradient_checkpointing", False) and module.training:
             use_cache = False
-        packed = call.get("past_key_values") is None and not use_cache
+        # Flash attention reads position_ids whatever the cache (capture_layout.find_sequences, flash=True).
+        flash = "flash" in self.implementation
+        packed = flash or (call.get("past_key_values") is None and not use_cache)
         layout = find_sequences(tokens.shape[0], tokens.shape[1], call.get("attention_mask"),
-                                call.get("position_ids") if packed else None, tokens.device)
+                                call.get("position_ids") if packed else None, tokens.device, flash)
         self._forward = _Forward(layout)
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:

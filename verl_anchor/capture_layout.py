@@ -6,6 +6,9 @@ when the caller passes `position_ids` (packed rows are read only without a KV ca
 `verl_anchor.capture`), `position_ids` that do not step by 1 start a new sequence (verl's packed
 "remove padding" layout); otherwise each row is one sequence.
 
+Under a flash-attention implementation the rules are the flash path's (`find_sequences(flash=True)`),
+and packed inputs it would read differently are refused.
+
 `find_sequences` packs them along the token axis in row order (`stats_engine.PackedSequences`),
 computing the boundaries on the device. It reads from the device once, for the number of tokens of
 padded rows or the number of packed sequences (a data-dependent size); one sequence per row needs
@@ -124,16 +127,25 @@ def find_sequences(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     device: torch.device,
+    flash: bool = False,
 ) -> SequenceLayout:
-    """The sequences of a `(batch, length)` batch by transformers' own rules (module doc), packed on `device`."""
+    """The sequences of a `(batch, length)` batch by transformers' own rules (module doc), packed on `device`.
+
+    `flash`: by the rules of transformers' flash-attention path instead (flash_attention_2/3 and other "flash"
+    implementations): an attention_mask without padding is dropped, and position_ids mark packed sequences only
+    in a batch of one row, split where they are 0. Packed inputs those rules read differently from the other
+    implementations (restarts in a batch of several rows, a sequence not starting at position 0) are refused.
+    """
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise CaptureError(f"the capture needs a 2-D attention_mask (batch, length), got {shape}")
         present = attention_mask.to(device) != 0
         tokens = present.nonzero(as_tuple=True)  # one device read: the number of unmasked tokens
-        cu_seqlens = torch.nn.functional.pad(present.sum(1).cumsum(0), (1, 0))
-        return SequenceLayout(batch, length, PackedSequences(cu_seqlens, tokens[0].numel()), tokens)
+        # Flash attention drops a mask without padding and reads a single row's position_ids instead.
+        if not (flash and batch == 1 and position_ids is not None and tokens[0].numel() == length):
+            cu_seqlens = torch.nn.functional.pad(present.sum(1).cumsum(0), (1, 0))
+            return SequenceLayout(batch, length, PackedSequences(cu_seqlens, tokens[0].numel()), tokens)
     if position_ids is not None:
         if position_ids.dim() != 2:
             raise CaptureError(f"the capture needs 2-D position_ids, got shape {tuple(position_ids.shape)} "
@@ -142,11 +154,28 @@ def find_sequences(
         starts = torch.ones(batch, length, dtype=torch.bool, device=device)  # each row starts a sequence
         starts[:, 1:] = positions.diff(dim=1) != 1
         first = starts.flatten().nonzero().flatten()  # one device read: the number of sequences
+        if flash and first.numel() > batch:
+            _check_flash_packing(batch, positions, first)
         cu_seqlens = torch.nn.functional.pad(first, (0, 1), value=batch * length)
         return SequenceLayout(batch, length, PackedSequences(cu_seqlens, batch * length))
     bounds = tuple(row * length for row in range(batch + 1))  # known on the host: nothing to read
     cu_seqlens = torch.arange(batch + 1, device=device) * length
     return SequenceLayout(batch, length, PackedSequences(cu_seqlens, batch * length, host_bounds=bounds))
+
+
+def _check_flash_packing(batch: int, positions: torch.Tensor, first: torch.Tensor) -> None:
+    """Refuse packed position_ids that transformers' flash path does not split where the capture does: it treats
+    restarting positions as packed sequences only in a batch of one row, and cuts that row only where they are 0."""
+    fix = ("pack the sequences into one row (batch size 1, as verl's use_remove_padding=True does) with position_ids "
+           "restarting at 0 for each, give padded rows with a 2-D attention_mask, or use attn_implementation='sdpa'")
+    if batch > 1:
+        raise CaptureError(f"position_ids restart inside rows of a batch of {batch} rows: flash attention treats each "
+                           f"row of a batch of several rows as one sequence (it splits packed sequences only in a "
+                           f"batch of one row), while the positions say the rows hold several; {fix}")
+    if (positions.flatten()[first] != 0).any():  # one more device read, only for a packed row
+        raise CaptureError("a packed row whose sequences do not all start at position 0: flash attention splits a "
+                           "packed row only where position_ids are 0, while the capture would split it wherever they "
+                           f"do not step by 1; {fix}")
 
 
 def sequence_segments(
