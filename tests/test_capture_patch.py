@@ -148,3 +148,28 @@ def test_exit_after_a_failed_forward_restores_the_registry():
         with torch.no_grad(), AttentionCapture(model, CFG):
             model.generate(torch.tensor([SEQS[2]]), max_new_tokens=2, do_sample=False)
     assert registry() == before
+
+
+def test_attention_implementation_changed_after_building_is_followed_or_refused():
+    """set_attn_implementation between building and entering is followed; while active, refused by name (it used
+    to say the model "does not use transformers' attention functions")."""
+    model, before = build(), registry()
+    expected = captured(model)
+    capture = AttentionCapture(model, CFG)  # built under sdpa
+    model.set_attn_implementation("eager")
+    with torch.no_grad(), capture:
+        model(torch.tensor([SEQS[0]]), use_cache=False)
+        assert capture.implementation == "eager"
+        model.set_attn_implementation("sdpa")
+        with pytest.raises(CaptureError, match="implementation changed from 'eager' to 'sdpa' while the capture "
+                                               "was active"):
+            model(torch.tensor([SEQS[0]]), use_cache=False)
+    stats = capture.pop()
+    assert len(stats) == 1
+    torch.testing.assert_close(stats[0].waad, expected[0].waad, atol=1e-5, rtol=0)
+    assert registry() == before
+    with torch.no_grad(), capture:  # entered again: follows sdpa
+        model(torch.tensor([SEQS[0]]), use_cache=False)
+    assert capture.implementation == "sdpa"
+    assert_same(capture.pop(), expected)
+    assert registry() == before

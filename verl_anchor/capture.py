@@ -49,6 +49,10 @@ its model, so two threads capturing one model would mix their forwards. Using th
 existing name matters: a new name would need its own mask function, and without one
 transformers silently drops the padding mask.
 
+The implementation is the one the decoder's config names when the capture is entered: a
+`set_attn_implementation` between building and entering is followed (and checked again, as when
+built); one while the capture is active is refused at the next forward.
+
 Attention the statistics do not model is refused when the capture is built, never approximated
 (`verl_anchor.capture_checks`; `docs/models.md` lists the model families). Each forward checks
 again what only the inputs show: a sequence longer than a window, a row longer than an attention
@@ -128,15 +132,12 @@ class AttentionCapture:
         self.map_from = 0  # where the pooled maps start in each sequence (e.g. the response start)
         self.decoder = find_decoder(model)
         modules = attention_modules(model, self.decoder)
-        config = self.decoder.config
-        self.implementation = getattr(config, "_attn_implementation", None) or "eager"
-        total_layers = num_layers(config, modules)
-        self.layers = list(cfg.layers) if cfg.layers is not None else select_layers(total_layers, cfg.num_layers)
-        check_model(config, self.implementation)
-        problems, self._limits = layer_problems(config, modules, total_layers, max_length, self.implementation)
-        bad = [layer for layer in self.layers if layer not in self._limits]
-        if bad:
-            raise CaptureError(layers_message(self.layers, bad, problems, total_layers, cfg.num_layers))
+        self._modules = modules
+        self._total_layers = num_layers(self.decoder.config, modules)
+        self.layers = (list(cfg.layers) if cfg.layers is not None
+                       else select_layers(self._total_layers, cfg.num_layers))
+        self.implementation = self._model_implementation()
+        self._limits = self._check(self.implementation)
         self._layer_of = {id(modules[layer]): layer for layer in self.layers}
         self._signature = inspect.signature(self.decoder.forward)
         self._var_keyword = next((p.name for p in self._signature.parameters.values()
@@ -147,8 +148,26 @@ class AttentionCapture:
         self._thread: int | None = None  # the thread that entered the capture (one model, one thread: _Registry)
         self.seconds = 0.0  # host time spent on statistics (not in the model's own attention)
 
+    def _model_implementation(self) -> str:
+        return getattr(self.decoder.config, "_attn_implementation", None) or "eager"
+
+    def _check(self, implementation: str) -> dict[int, tuple[str, int | None]]:
+        """Refuse the model or the selected layers under `implementation`; each layer's (kind, extent limit)."""
+        config = self.decoder.config
+        check_model(config, implementation)
+        problems, limits = layer_problems(config, self._modules, self._total_layers, self.max_length, implementation)
+        bad = [layer for layer in self.layers if layer not in limits]
+        if bad:
+            raise CaptureError(layers_message(self.layers, bad, problems, self._total_layers, self.cfg.num_layers))
+        return limits
+
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "AttentionCapture":
+        implementation = self._model_implementation()
+        if implementation != self.implementation and not any(active is self for active in _REGISTRY.active):
+            # set_attn_implementation since the capture was built: follow it (checked again, as when built)
+            self._limits = self._check(implementation)
+            self.implementation = implementation
         _REGISTRY.enter(self)
         self._handles = [
             self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -190,6 +209,13 @@ class AttentionCapture:
 
     # -- hooks -----------------------------------------------------------------------------
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        implementation = self._model_implementation()
+        if implementation != self.implementation:  # the dispatcher sits under the name read at enter
+            raise CaptureError(
+                f"the model's attention implementation changed from {self.implementation!r} to {implementation!r} "
+                "while the capture was active (set_attn_implementation); change it before entering the capture, "
+                "or exit the capture and enter it again"
+            )
         try:
             call = self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError as err:
