@@ -252,3 +252,57 @@ def test_bad_options_exit_2_before_loading_a_model(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model was loaded"))
     assert main([*argv, "--demo", "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hybrid_model(tmp_path_factory):
+    """A tiny saved qwen3_next (linear-attention layers 0-2, full attention at 3) with the project's tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from verl_anchor.tiny import build_tokenizer, tiny_arch_config
+
+    path = tmp_path_factory.mktemp("qwen3_next")
+    tokenizer = build_tokenizer(path)
+    torch.manual_seed(0)
+    config = tiny_arch_config("qwen3_next", vocab_size=-(-len(tokenizer) // 64) * 64,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_layers_option_analyses_a_hybrid_model(hybrid_model, tmp_path, capsys):
+    """--num-layers falls on linear-attention layers of a hybrid: refused, naming --layers; --layers 3 works."""
+    argv = ["analyze", "--model", str(hybrid_model), "--max-new-tokens", "3", "--limit", "1", "--map-bins", "8"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "can read are [3]" in err and "--layers in the analysis commands" in err
+    assert main([*argv, "--layers", "3", "--out", str(tmp_path / "b")]) == 0
+    assert _metrics(tmp_path / "b")["layers"] == [3]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("a", "'a' in 'a' is not an integer"), ("-1", "layer indices are 0-based"), ("1,1", "lists layer 1 twice"),
+    ("", "is invalid: give comma-separated"), ("1,,2", "is invalid: give comma-separated"),
+])
+def test_bad_layers_exit_2_before_loading_a_model(tmp_path, monkeypatch, capsys, value, message):
+    monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model was loaded"))
+    for command in ("analyze", "coupling", "perturb"):
+        assert main([command, "--layers", value, "--demo", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_layers_option_reaches_the_config(tmp_path, monkeypatch):
+    seen = {}
+
+    def load(args):
+        seen["args"] = args
+        raise common.AnalysisError("stop here")
+
+    monkeypatch.setattr(common, "load_model", load)
+    assert main(["coupling", "--layers", "2, 0", "--demo", "--out", str(tmp_path)]) == 2
+    assert seen["args"].layers == (2, 0)
+    monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model was loaded"))
+    seen["args"].layers = (0, 2, 2)  # a bad list reaching the config (not through the parser) is one error too
+    with pytest.raises(common.AnalysisError, match="--layers: layers=.* has duplicates"):
+        common.Session(seen["args"])

@@ -23,7 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # Layer kinds of `config.layer_types` that are softmax attention over q.k (Jamba says "attention").
 _ATTENTION_KINDS = ("full_attention", "attention", "sliding_attention", "chunked_attention")
-LAYERS_OPTION = "`layers` (algorithm.anchor.layers in training)"
+LAYERS_OPTION = "`layers` (algorithm.anchor.layers in training, --layers in the analysis commands)"
 
 
 class CaptureError(RuntimeError):

@@ -70,6 +70,26 @@ def positive_int(value: str) -> int:
     return number
 
 
+def layer_list(value: str) -> tuple[int, ...]:
+    """Layer indices, comma-separated and 0-based (``3,7``): at least one, each an integer >= 0, no repeats."""
+    parts = [part.strip() for part in value.split(",")]
+    if not value.strip() or any(not part for part in parts):
+        raise argparse.ArgumentTypeError(f"{value!r} is invalid: give comma-separated 0-based layer indices, e.g. 3,7")
+    layers = []
+    for part in parts:
+        try:
+            layer = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} in {value!r} is not an integer: give comma-separated 0-based "
+                                             "layer indices, e.g. 3,7") from None
+        if layer < 0:
+            raise argparse.ArgumentTypeError(f"{layer} in {value!r} is invalid: layer indices are 0-based (>= 0)")
+        if layer in layers:
+            raise argparse.ArgumentTypeError(f"{value!r} lists layer {layer} twice: list each layer once")
+        layers.append(layer)
+    return tuple(layers)
+
+
 def seed(value: str) -> int:
     """A seed: an integer from 0 to `MAX_SEED`."""
     try:

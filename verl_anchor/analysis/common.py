@@ -25,7 +25,7 @@ from verl_anchor.capture import AttentionCapture, CaptureError
 from verl_anchor.config import AnchorConfig
 from verl_anchor.credit import select_tokens, waad_jumps
 from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, response_signals
-from verl_anchor.usage import UsageError, in_path, make_dir, model_ref, out_dir, seed
+from verl_anchor.usage import UsageError, in_path, layer_list, make_dir, model_ref, out_dir, seed
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
 
@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     parser.add_argument("--seed", type=seed, default=0, help="prompt i is sampled with seed + i")
     parser.add_argument("--num-layers", type=int, default=5,
                         help="layers captured: this many evenly spaced over the middle third")
+    parser.add_argument("--layers", type=layer_list, default=None,
+                        help="capture exactly these layers instead, comma-separated 0-based indices (e.g. 3,7; "
+                             "for hybrid models, whose refusal lists the layers that can be captured)")
 
 
 def user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -236,9 +239,10 @@ class Session:
         self.args = args
         self.items = load_prompts(args.prompts, args.limit)
         try:
-            self.cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None, num_layers=args.num_layers)
+            self.cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None, num_layers=args.num_layers,
+                                    layers=getattr(args, "layers", None))
         except ValueError as err:
-            raise AnalysisError(f"--num-layers: {err}") from err
+            raise AnalysisError(f"--num-layers: {err}" if "num_layers" in str(err) else f"--layers: {err}") from err
         check_options([("max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
                        ("temperature", args.temperature, args.temperature >= 0, "0 (greedy) or a positive number")])
         self.model, self.tokenizer, self.name = load_model(args)
