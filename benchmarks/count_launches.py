@@ -19,9 +19,10 @@ response the last half of its sequence), and counts:
            sequence and layer, `metrics.response_signals` per response).
 
 The model is a Qwen3 with the head shape above, hidden size 32 and the 5 captured layers, whose
-attention function is a stand-in for flash_attention_2 that computes nothing and gets no mask
-(flash_attention_2 on packed rows gets none either; on padded rows it gets the 2-D padding mask,
-whose check adds 3 ops per layer and one sync per forward, not counted here). The capture's share is
+attention function is a stand-in for flash_attention_2 (the capture reads its inputs by flash
+attention's rules) that computes nothing and gets no mask (flash_attention_2 on packed rows gets
+none either; on padded rows it gets the 2-D padding mask, whose check adds 2-3 launches and one sync
+per forward, not counted here). The capture's share is
 separated from the model's own ops by counting the forward without the capture, with 1 captured
 layer and with 5: per layer = (5 layers - 1 layer) / 4, per forward = 1 layer - no capture - per layer.
 
@@ -190,7 +191,7 @@ def count_capture(lengths: list[int], layout: str, heads: tuple[int, int, int], 
     if device == "meta":
         batch, length = cpu["input_ids"].shape
         with counting(Counts()) as counts:
-            found = find_sequences(batch, length, cpu.get("attention_mask"), cpu.get("position_ids"), "cpu")
+            found = find_sequences(batch, length, cpu.get("attention_mask"), cpu.get("position_ids"), "cpu", flash=True)
         found_on_cpu = counts.row()
         pre_hook = sequences_found_on_cpu(iter([on_meta(found), on_meta(found)]))
 
