@@ -12,7 +12,8 @@ and packed inputs it would read differently are refused.
 `find_sequences` packs them along the token axis in row order (`stats_engine.PackedSequences`),
 computing the boundaries on the device. It reads from the device once, for the number of tokens of
 padded rows or the number of packed sequences (a data-dependent size), and once more for a packed
-row under flash attention (do its sequences start at position 0); one sequence per row needs no read. `SequenceLayout.pack` turns a layer's `(B, H, L, D)` attention inputs into the packed
+row under flash attention (do its sequences start at position 0); one sequence per row needs no
+read. `SequenceLayout.pack` turns a layer's `(B, H, L, D)` attention inputs into the packed
 `(H, T, D)` the engine takes: a view for a single row (packed or not), one gather for padded rows.
 What the capture checks against the model's mask (`unmasked`, `separated_by`) stays on the device.
 """
