@@ -133,3 +133,25 @@ def test_bypass_mode_refuses_what_needs_the_forward_and_lets_random_run():
     assert read_settings(compose_verl(["algorithm.adv_estimator=anchor_random", bypass])).cfg.strategy == "random"
     with pytest.raises(ValueError, match="reads the policy's token entropy"):
         read_settings(compose_verl(["algorithm.adv_estimator=anchor_entropy", bypass]))
+
+
+def test_the_math_rewards_options_are_checked_in_the_driver(monkeypatch):
+    import verl.utils.config as verl_config
+
+    import verl_anchor.verl_plugin  # noqa: F401
+    from verl_anchor.rewards import math_verify_pool
+
+    reward = ["reward.custom_reward_function.path=pkg://verl_anchor.rewards",
+              "reward.custom_reward_function.name=compute_score"]
+    with pytest.raises(ValueError, match=r"reward_kwargs.timeout_s must be a positive finite number"):
+        verl_config.validate_config(compose_verl(reward + ["+reward.custom_reward_function.reward_kwargs.timeout_s=-1"]),
+                                    use_reference_policy=False, use_critic=False)
+
+    config = compose_verl(reward)
+
+    def missing(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(math_verify_pool.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match="the math reward needs math-verify"):
+        verl_config.validate_config(config, use_reference_policy=False, use_critic=False)

@@ -27,7 +27,9 @@ def _with_anchor_checks(validate_config):
         from verl.trainer.ppo.utils import need_critic
 
         from verl_anchor.integration.settings import prepare_config
+        from verl_anchor.rewards import check_reward_config
 
+        check_reward_config(config)
         if prepare_config(config) is not None:
             # main_ppo computed use_critic before this ran; a gae base may just have enabled the critic.
             if "use_critic" in kwargs:

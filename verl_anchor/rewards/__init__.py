@@ -52,4 +52,26 @@ def compute_score(
     return default_compute_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
 
 
-__all__ = ["COUNTDOWN_SOURCE", "MATH_SOURCE_PREFIX", "compute_score", "score_countdown", "score_math"]
+def check_reward_config(config: Any) -> None:
+    """Driver-side check of a verl config whose custom reward is this module, before Ray starts.
+
+    The math reward's own checks run at its first comparison, i.e. after a rollout; this runs
+    them at start-up instead: `reward_kwargs.timeout_s` must be valid and math-verify importable.
+    """
+    from verl_anchor.rewards.math_verify_pool import check_timeout, require_math_verify
+
+    reward = config.get("reward", None) or {}
+    custom = reward.get("custom_reward_function", None) or {}
+    path = str(custom.get("path", None) or "")
+    if "verl_anchor.rewards" not in path and "verl_anchor/rewards" not in path:
+        return
+    kwargs = custom.get("reward_kwargs", None) or {}
+    if "timeout_s" in kwargs:
+        try:
+            check_timeout(kwargs["timeout_s"])
+        except ValueError as err:
+            raise ValueError(f"reward.custom_reward_function.reward_kwargs.{err}") from None
+    require_math_verify()
+
+
+__all__ = ["check_reward_config", "COUNTDOWN_SOURCE", "MATH_SOURCE_PREFIX", "compute_score", "score_countdown", "score_math"]
