@@ -30,8 +30,9 @@ def _with_anchor_checks(validate_config):
         from verl_anchor.rewards import check_reward_config
 
         check_reward_config(config)
-        if prepare_config(config) is not None:
-            # main_ppo computed use_critic before this ran; a gae base may just have enabled the critic.
+        settings = prepare_config(config)
+        if settings is not None and settings.base_estimator == "gae":
+            # main_ppo computed use_critic before this ran; the gae base may just have enabled the critic.
             if "use_critic" in kwargs:
                 kwargs["use_critic"] = need_critic(config)
             elif len(args) >= 2:
