@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     for step in sorted(steps):
         table.add_column(f"step {step}", justify="right")
     for key, _ in SHOWN:
+        if not any(key in steps[s] for s in steps):
+            continue  # e.g. the critic's loss in a run without a critic
         table.add_row(key, *(f"{steps[s][key]:.4g}" if key in steps[s] else "-" for s in sorted(steps)))
     console.print(table)
     last = steps[max(steps)]
