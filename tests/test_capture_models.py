@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from verl_anchor import AnchorConfig
-from verl_anchor.capture import AttentionCapture, CaptureError, attention_modules, capturable_layers
+from verl_anchor.capture import AttentionCapture, CaptureError, capturable_layers
 from verl_anchor.metrics import reference_stats
 from verl_anchor.tiny import tiny_arch_config
 

@@ -123,20 +123,24 @@ class AnchorTrainerMixin:
             fields.append("entropy")
         if self.anchor.cfg.needs_attention:
             fields += list(OUTPUT_KEYS)
+        if self.anchor.cfg.strategy == "random":
+            fields.append("prompts")  # the random draw's seed (see `_response_seeds`)
+        if self.anchor.dump_dir:
+            fields.append("input_ids")
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         local_step = getattr(self, "local_trigger_step", 0)
-        seeds = self._response_seeds(batch, local_step) if self.anchor.cfg.strategy == "random" else None
+        seeds = self._response_seeds(batch.keys, data, local_step) if self.anchor.cfg.strategy == "random" else None
         world = self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
         shaped, gamma, anchor_metrics = scale_advantages(data, self.anchor, seeds, real=real, world_size=world)
         out = TensorDict({"advantages": response_to_nested(shaped, data["response_mask"])}, batch_size=len(batch))
         batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
         if self.anchor.dump_dir:
-            self._dump(batch, data, gamma, real, local_step)
+            self._dump(batch.keys, data, gamma, real, local_step)
         anchor_metrics["timing_s/anchor_weights"] = time.perf_counter() - start
         metrics.update(anchor_metrics)
         return batch
 
-    def _response_seeds(self, batch, local_step: int) -> list[int]:
+    def _response_seeds(self, keys: Sequence[str], data: TensorDict, local_step: int) -> list[int]:
         """One seed per response for the random baseline, from what identifies it across runs and ranks.
 
         Seeded per response, not per batch, so a response draws the same tokens on any rank and in any
@@ -144,21 +148,20 @@ class AnchorTrainerMixin:
         verl's keys are `{uuid4}_{session}_{output}`: the random uid is replaced by the prompt's tokens,
         so two runs with the same seed draw the same tokens for the same prompt.
         """
-        prompts = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts"])
         seeds = []
-        for key, prompt in zip(batch.keys, prompts["prompts"].unbind()):
+        for key, prompt in zip(keys, data["prompts"].unbind()):
             session_and_output = key.rsplit("_", 2)[1:]
             digest = hashlib.blake2b(prompt.cpu().numpy().tobytes(), digest_size=8).hexdigest()
             seeds.append(response_seed(self.anchor.cfg.seed, self.global_steps, local_step, digest,
                                        *session_and_output))
         return seeds
 
-    def _dump(self, batch, data: TensorDict, gamma: torch.Tensor, real: Sequence[bool], local_step: int) -> None:
+    def _dump(self, keys: Sequence[str], data: TensorDict, gamma: torch.Tensor, real: Sequence[bool],
+              local_step: int) -> None:
         """`algorithm.anchor.dump_dir`: each response's tokens, statistics and gamma (for checks and analysis)."""
         lengths = data["response_mask"].offsets().diff().tolist()
-        tokens = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["input_ids"])
-        record = {"keys": list(batch.keys), "real": list(real),
-                  "input_ids": [t.clone() for t in tokens["input_ids"].unbind()],
+        record = {"keys": list(keys), "real": list(real),
+                  "input_ids": [t.clone() for t in data["input_ids"].unbind()],
                   "gamma": [gamma[i, :n].clone() for i, n in enumerate(lengths)]}
         for name in OUTPUT_KEYS:
             if name in data.keys():
