@@ -175,6 +175,22 @@ def test_countdown_parquet_schema_and_rows(tmp_path: Path) -> None:
             assert "<answer>" in message["content"]
 
 
+def test_countdown_number_range_and_short_prompt_through_the_cli(tmp_path: Path) -> None:
+    assert cli_main(["data", "countdown", "--out", str(tmp_path), "--train-size", "40", "--test-size", "4",
+                     "--min-numbers", "3", "--max-numbers", "3", "--max-target", "99", "--max-number", "12",
+                     "--prompt-style", "short"]) == 0
+    rows = pq.read_table(tmp_path / "train.parquet").to_pylist()
+    for r in rows:
+        truth = r["reward_model"]["ground_truth"]
+        assert len(truth["numbers"]) == 3 and max(truth["numbers"]) <= 12 and truth["target"] <= 99
+        assert r["prompt"][0]["content"].startswith(f"Make {truth['target']} from {truth['numbers']} with + - * /")
+    assert max_distinct_problems(2, 2, 1000, max_number=10) == math.comb(11, 2) * 4
+    with pytest.raises(DataError, match="max_number must be >= 1"):
+        generate_countdown(1, 1, max_number=0)
+    with pytest.raises(DataError, match="unknown prompt style 'long'"):
+        prepare_countdown(tmp_path, 2, 0, prompt_style="long")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hub datasets from local fixtures
 

@@ -29,6 +29,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-numbers", type=int, default=3, help="fewest numbers per problem (default 3)")
     group.add_argument("--max-numbers", type=int, default=4, help="most numbers per problem (default 4)")
     group.add_argument("--max-target", type=int, default=1000, help="largest target (default 1000)")
+    group.add_argument("--max-number", type=int, default=100, help="largest number (default 100)")
+    group.add_argument("--prompt-style", choices=["tinyzero", "short"], default="tinyzero",
+                       help="TinyZero's instruction (the recipes') or the short one of the CPU demo policy")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,5 +54,7 @@ def run(args: argparse.Namespace) -> int:
         min_numbers=args.min_numbers,
         max_numbers=args.max_numbers,
         max_target=args.max_target,
+        max_number=args.max_number,
+        prompt_style=args.prompt_style,
     )
     return 0
