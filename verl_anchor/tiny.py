@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "PAD_TOKEN",
     "VOCAB_SIZE",
     "build_model",
+    "build_once",
     "build_tokenizer",
     "ensure_tiny_model",
     "tiny_arch_config",
@@ -232,23 +234,27 @@ def build_model(
 
 
 def ensure_tiny_model(cache_dir: str | os.PathLike, arch: str = "qwen3", seed: int = 0) -> Path:
-    """Return the directory of the tiny model in `cache_dir`, building it on first use.
+    """Return the directory of the tiny model in `cache_dir`, building it on first use (see `build_once`)."""
+    final = Path(cache_dir) / f"tiny-{arch}-s{seed}-v{_ASSET_VERSION}"
+    return build_once(final, "config.json", lambda tmp: build_model(tmp, arch=arch, seed=seed))
 
-    Safe against concurrent callers: the model is built in a temporary sibling directory
-    and renamed into place, so a reader never sees a half-written model.
+
+def build_once(final: Path, marker: str, build: Callable[[Path], Any]) -> Path:
+    """`final`, built by `build(directory)` unless `final / marker` exists already.
+
+    Safe against concurrent callers: the asset is built in a temporary sibling directory and renamed
+    into place, so a reader never sees a half-written one, and of two concurrent builders one wins.
     """
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    final = cache / f"tiny-{arch}-s{seed}-v{_ASSET_VERSION}"
-    if (final / "config.json").is_file():
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if (final / marker).is_file():
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        build_model(tmp, arch=arch, seed=seed)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / "config.json").is_file():  # not a lost race: a real error
+            if not (final / marker).is_file():  # not a lost race: a real error
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
