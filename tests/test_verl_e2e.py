@@ -10,6 +10,7 @@ import pytest
 from verl_anchor.cpu import cpu_env
 from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
 from verl_anchor.demo import demo_overrides
+from verl_anchor.tiny import ensure_tiny_model
 
 # A reward with variance (the fraction of digits in the response): a random model never solves
 # Countdown, and with equal rewards GRPO's advantages are all zero, so nothing could be amplified.
@@ -24,7 +25,7 @@ GRPO_ABS = 1 / math.sqrt(2)
 def run_anchor(tmp_path, estimator):
     tmp_path.mkdir(parents=True)
     (tmp_path / "reward.py").write_text(_REWARD)
-    overrides = demo_overrides(tmp_path, steps=2, estimator=estimator) + [
+    overrides = demo_overrides(tmp_path, steps=2, estimator=estimator, model=ensure_tiny_model(tmp_path / "cache")) + [
         f"reward.custom_reward_function.path={tmp_path / 'reward.py'}"]
     log_path = tmp_path / "main_ppo.log"
     rc = run_main_ppo(overrides, tmp_path, log_path, timeout=840)
@@ -64,7 +65,7 @@ def test_coupled_amplifies_tokens_inside_verl_and_random_differs(tmp_path):
     (["+algorithm.anchor.base_estimator=gae", "critic.enable=false"], "set critic.enable=true"),
 ])
 def test_bad_configs_fail_in_the_driver_before_any_rollout(tmp_path, extra, message):
-    overrides = demo_overrides(tmp_path, steps=1, estimator="anchor_coupled") + extra
+    overrides = demo_overrides(tmp_path, steps=1, estimator="anchor_coupled", model=ensure_tiny_model(tmp_path / "cache")) + extra
     proc = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", *overrides], cwd=tmp_path,
                           env={**os.environ, **cpu_env()}, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr

@@ -18,6 +18,7 @@ from verl_anchor.capture import AttentionCapture
 from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
 from verl_anchor.credit import token_weights
 from verl_anchor.demo import demo_overrides
+from verl_anchor.tiny import ensure_tiny_model
 from verl_anchor.metrics import response_signals
 
 _REWARD = """
@@ -29,7 +30,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 def run_demo(tmp_path, extra, steps=2):
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "reward.py").write_text(_REWARD)
-    overrides = demo_overrides(tmp_path, steps=steps, estimator="anchor_coupled", user_overrides=[
+    overrides = demo_overrides(tmp_path, steps=steps, estimator="anchor_coupled", model=ensure_tiny_model(tmp_path / "cache"), user_overrides=[
         f"reward.custom_reward_function.path={tmp_path / 'reward.py'}", *extra])
     log_path = tmp_path / "main_ppo.log"
     rc = run_main_ppo(overrides, tmp_path, log_path, timeout=1200)
