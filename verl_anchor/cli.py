@@ -35,11 +35,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "perturb": ("verl_anchor.analysis.perturb",
                 "the paper's Table 1: how much forcing another token at high- vs low-FAI positions changes the rest"),
     "train": ("verl_anchor.launch", "run a recipe of the paper with verl (prepares missing data first)"),
+    "compare": ("verl_anchor.compare",
+                "estimators x seeds through verl on CPU from the trained Countdown policy: held-out accuracy table and plot"),
 }
 
 
 # Commands that load a model with transformers (whose progress bars and notices are dropped).
-_MODEL_COMMANDS = {"analyze", "coupling", "perturb", "demo"}
+_MODEL_COMMANDS = {"analyze", "coupling", "perturb", "demo", "compare"}
 # Warnings the imported libraries raise that say nothing about the user's input.
 _LIBRARIES = r"(verl|ray|torch|transformers|datasets|huggingface_hub|hydra|omegaconf|pyarrow|tensordict|pydantic)(\.|$)"
 

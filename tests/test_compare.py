@@ -1,0 +1,63 @@
+"""`verl-anchor compare`: its statistics, table, plot and refusals (the runs themselves: docs/experiments.md)."""
+
+import math
+
+import pytest
+
+from verl_anchor import compare
+from verl_anchor.cli import main
+
+
+def rows_for(values: dict[str, list[float]], step: int = 10) -> list[dict]:
+    rows = []
+    for estimator, per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            rows.append({"estimator": estimator, "seed": seed, "step": 0, "greedy": 0.2, "mean_at_k": 0.1,
+                         "train_mean_at_16": 0.15})
+            rows.append({"estimator": estimator, "seed": seed, "step": step, "greedy": value, "mean_at_k": value / 2,
+                         "train_mean_at_16": value * 2})
+    return rows
+
+
+def test_mean_and_standard_error():
+    mean, se = compare.mean_and_se([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2) and se == pytest.approx(0.1 / math.sqrt(3))
+    assert math.isnan(compare.mean_and_se([0.5])[1])  # one seed: no spread to report
+
+
+def test_table_reports_final_step_mean_se_difference_and_detectable_difference():
+    table = compare.summary_table(rows_for({"grpo": [0.10, 0.12, 0.14], "anchor_coupled": [0.20, 0.22, 0.24]}),
+                                  ["grpo", "anchor_coupled"], samples=4)
+    lines = table.splitlines()
+    assert lines[0] == "| metric (step 10) | grpo | anchor_coupled |"
+    assert lines[2] == "| held-out greedy accuracy | 12.0 +- 1.2 | 22.0 +- 1.2 |"
+    se_diff = math.sqrt(2) * 0.02 / math.sqrt(3)
+    mde = (compare.Z_ALPHA + compare.Z_POWER) * se_diff
+    assert lines[3] == (f"| held-out greedy accuracy: difference to grpo | - | +10.0 (SE {100 * se_diff:.1f}, "
+                        f"MDE {100 * mde:.1f}) |")
+    assert "| held-out mean@4 accuracy (T = 1.0) | 6.0 +- 0.6 | 11.0 +- 0.6 |" in table
+    assert "| training prompts mean@16 accuracy (T = 1.0) | 24.0 +- 2.3 | 44.0 +- 2.3 |" in table
+    assert ("Step 0 (the SFT policy, shared): held-out greedy 20.0, mean@4 10.0; training prompts mean@16 15.0. "
+            "Seeds: [0, 1, 2]") in table
+
+
+def test_plot_is_written(tmp_path):
+    path = tmp_path / "accuracy.png"
+    compare.plot_accuracy(rows_for({"grpo": [0.1, 0.2], "anchor_random": [0.3, 0.1]}), ["grpo", "anchor_random"], 4,
+                          path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--estimators", "grpo", "grpo"], ["must not repeat"]),
+    (["--seeds", "1", "1"], ["must not repeat"]),
+    (["--estimators", "anchor_copuled"], ["not an advantage estimator", "anchor_coupled"]),
+    (["--heldout", "100000"], ["--heldout 100000", "held-out problems"]),
+    (["--steps", "0"], ["--steps"]),
+])
+def test_bad_options_are_one_error_line_before_anything_runs(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: pytest.fail("started building"))
+    assert main(["compare", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert all(word in err[0] for word in words), err
