@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from verl_anchor.analysis.common import AnalysisError, ResponseAnalysis
+from verl_anchor.analysis.common import AnalysisError, ResponseAnalysis, demo_prompts
 from verl_anchor.analysis.coupling import (
     PeakOptions,
     count_matched,
@@ -150,8 +150,8 @@ def test_demo_command(tmp_path, capsys):
     assert "entropy at WAAD peaks" in out and "coupling.json" in out
     data = json.loads((tmp_path / "coupling.json").read_text())
     s = data["summary"]
-    assert s["prompts"] == 3 and s["prompts_used"] >= 1
-    assert data["options"]["shuffles"] == 20 and len(data["receiver_heads"]) == 2  # 30% of 8 heads
+    assert s["prompts"] == len(demo_prompts()) and s["prompts_used"] >= 1
+    assert data["options"]["shuffles"] == 20 and len(data["receiver_heads"]) == 3  # 30% of 3 layers x 4 heads
     for key in ("fai_peaks_after_waad_peaks", "fai_peaks_after_waad_peaks_shuffled",
                 "receiver_peaks_at_global_peaks", "receiver_peaks_at_global_peaks_shuffled"):
         assert s[key] is None or 0 <= s[key] <= 1

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from verl_anchor.analysis.common import demo_prompts
 from verl_anchor.analysis.perturb import content_words, fai_positions, jaccard, summarise
 from verl_anchor.cli import main
 
@@ -57,7 +58,7 @@ def test_demo_command_greedy_references_reproduce_the_response(tmp_path, capsys)
     # The same greedy responses and their FAI, from the analyze command.
     assert main(["analyze", "--demo", "--out", str(tmp_path / "a"), "--temperature", "0", "--max-new-tokens", "40"]) == 0
     responses = {p["index"]: p for p in json.loads((tmp_path / "a" / "metrics.json").read_text())["prompts"]}
-    assert len(data["problems"]) == 3
+    assert len(data["problems"]) == len(demo_prompts())
     for problem in data["problems"]:
         response = responses[problem["index"]]
         n = len(response["token_ids"])
@@ -77,4 +78,4 @@ def test_demo_command_greedy_references_reproduce_the_response(tmp_path, capsys)
         for group in ("high", "low"):
             values = [tr["jaccard"] for tr in problem["trials"] if tr["group"] == group]
             assert problem[f"jaccard_{group}"] == pytest.approx(sum(values) / len(values))
-    assert data["summary"]["problems_used"] == 3
+    assert data["summary"]["problems_used"] == len(demo_prompts())

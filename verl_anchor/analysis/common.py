@@ -1,6 +1,6 @@
 """What the analysis commands share: model and prompts, generation, one captured forward per response.
 
-`Session(args)` loads the model (`--model PATH`, or the tiny offline `--demo` model), its tokenizer
+`Session(args)` loads the model (`--model PATH`, or the trained Countdown policy with `--demo`), its tokenizer
 and the prompts, and wraps the model in one `AttentionCapture` in *analysis mode* (FAI horizon
 from offset 0 to the end of the response). `Session.analyses()` then yields, per prompt, a
 `ResponseAnalysis`: the response (sampled with `generate`, or given in the prompts file) and every
@@ -29,14 +29,16 @@ from verl_anchor.usage import UsageError, in_path, layer_list, make_dir, model_r
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
 
-DEMO_PROMPTS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May? Let's think step by step.",
-    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-    "How much did she earn? Let's think step by step.",
-    "Betty is saving money for a new wallet which costs $100. She has only half of the money she needs. "
-    "How much more money does Betty need? Let's think step by step.",
-]
+DEMO_PROBLEMS = 6  # `--demo` analyses the first held-out Countdown problems of the trained demo policy
+
+
+def demo_prompts() -> list[str]:
+    """`--demo`'s prompts: the demo policy's first held-out Countdown problems, in its short prompt."""
+    from verl_anchor.data.countdown import countdown_prompt
+    from verl_anchor.policy import policy_splits
+
+    return [countdown_prompt(p.numbers, p.target, "short")[0]["content"]
+            for p in policy_splits().heldout[:DEMO_PROBLEMS]]
 
 
 class AnalysisError(UsageError):
@@ -47,11 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     """The options every analysis command takes."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=model_ref, help="Hugging Face model id or local path (e.g. Qwen/Qwen3-4B-Base)")
-    source.add_argument("--demo", action="store_true", help="use the tiny offline random model (no downloads)")
+    source.add_argument("--demo", action="store_true",
+                        help="the small Countdown policy of `verl-anchor demo` (trained on first use, no downloads) "
+                             "on its held-out problems")
     parser.add_argument("--prompts", type=in_path, default=None,
                         help="jsonl with a `prompt` field per line (optional `response`: then no generation), or "
                              "a verl parquet such as `verl-anchor data gsm8k` writes; "
-                             "default: three built-in arithmetic word problems")
+                             "default with --demo: the demo policy's first held-out Countdown problems")
     parser.add_argument("--limit", type=int, default=None, help="use only the first LIMIT prompts")
     parser.add_argument("--out", type=out_dir, required=True, help="output directory")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="response length limit")
@@ -108,7 +112,7 @@ def load_prompts(path: Path | None, limit: int | None = None) -> list[dict[str, 
     if limit is not None and limit < 1:
         raise AnalysisError(f"--limit={limit} is invalid: use an integer >= 1")
     if path is None:
-        items = [{"prompt": p} for p in DEMO_PROMPTS]
+        items = [{"prompt": p} for p in demo_prompts()]
     elif Path(path).suffix == ".parquet":
         items = _parquet_prompts(Path(path))
     else:
@@ -169,9 +173,9 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.demo:
-        from verl_anchor.tiny import ensure_tiny_model
+        from verl_anchor.policy import ensure_policy
 
-        path = str(ensure_tiny_model(Path(args.out) / "cache"))
+        path = str(ensure_policy())
     else:
         path = args.model
     cuda = torch.cuda.is_available()

@@ -170,8 +170,9 @@ def render_html(payload: dict[str, Any], out: Path | None = None) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>verl-anchor analyze</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>Attention analysis</h1>",
-        "<p class='warn'>This is the tiny <b>random</b> demo model (<code>--demo</code>): its text is gibberish and "
-        "its attention has no structure. Run with <code>--model</code> to see a real model's rhythm.</p>"
+        "<p class='warn'>This is the small demo policy (<code>--demo</code>): a 1.4M-parameter model trained for a few "
+        "minutes on Countdown, which solves only some of these problems; its attention shows what a model this small "
+        "learns, not a large model's rhythm. Run with <code>--model</code> for a real model.</p>"
         if payload.get("demo") else "",
         f"<p>model: <code>{esc(str(payload['model']))}</code>, layers {esc(str(payload['layers']))}; "
         "WAAD averaged over the local (shortest-span) heads, FAI over the global (longest-span) heads; "
