@@ -296,6 +296,42 @@ def nothing_built(monkeypatch: pytest.MonkeyPatch) -> None:
     from verl_anchor import demo
 
     monkeypatch.setattr(demo, "demo_overrides", lambda *args, **kwargs: pytest.fail("the demo started building"))
+    monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: pytest.fail("the demo started training"))
+
+
+def test_demo_shows_each_step_with_the_accuracy_of_its_own_rollout_dump(tmp_path: Path, capsys, monkeypatch) -> None:
+    """verl dumps a step's rollouts on a background thread, after or before its metrics line: the demo prints
+    the step once both are there, the accuracy from this run's dump (a stale file from an earlier run is gone)."""
+    from verl_anchor import demo
+    from verl_anchor.cpu import launch
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "policy.json").write_text(json.dumps({"parameters": 1e6, "heldout_accuracy": {"greedy": 0.2,
+                                                                                            "sampled_t1": 0.1}}))
+    monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: policy)
+    monkeypatch.setattr("verl_anchor.policy.policy_dir", lambda *a, **k: policy)
+    monkeypatch.setattr(demo, "demo_overrides", lambda *a, **k: [])
+    out = tmp_path / "out"
+    stale = out / "rollouts" / "1.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"score": 1.0}\n')
+
+    def fake_run(overrides, workdir, log_path, on_line=None, **kwargs):
+        lines = ["(TaskRunner pid=1) step:1 - critic/score/mean:0.25 - anchor/amplified_frac:0.4"]
+        (out / "rollouts").mkdir()  # verl makes it; the demo removed the stale one
+        (out / "rollouts" / "1.jsonl").write_text("".join(json.dumps({"score": s}) + "\n" for s in (1.0, 0.0, 0.0, 0.0)))
+        lines.append(f"(TaskRunner pid=1) Dumped generations to {out / 'rollouts' / '1.jsonl'}")
+        Path(log_path).write_text("\n".join(lines) + "\n")
+        for line in lines:
+            on_line(line)
+        return 0
+
+    monkeypatch.setattr(launch, "run_main_ppo", fake_run)
+    assert cli.main(["demo", "--out", str(out), "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 1: reward 0.25, accuracy 0.25" in printed
+    assert "amplified share 0.4" in printed
 
 
 @pytest.mark.parametrize("steps", ["0", "-1", "two", "1.5"])

@@ -32,7 +32,7 @@ def test_table_reports_final_step_mean_se_difference_and_detectable_difference()
     assert lines[0] == "| metric (step 10) | grpo | anchor_coupled |"
     assert lines[2] == "| held-out greedy accuracy | 12.0 +- 1.2 | 22.0 +- 1.2 |"
     se_diff = math.sqrt(2) * 0.02 / math.sqrt(3)
-    mde = (compare.Z_ALPHA + compare.Z_POWER) * se_diff
+    mde = 2.8016 * se_diff  # z(0.975) + z(0.80): a two-sided 5% test with 80% power
     assert lines[3] == (f"| held-out greedy accuracy: difference to grpo | - | +10.0 (SE {100 * se_diff:.1f}, "
                         f"MDE {100 * mde:.1f}) |")
     assert "| held-out mean@4 accuracy (T = 1.0) | 6.0 +- 0.6 | 11.0 +- 0.6 |" in table
@@ -54,6 +54,7 @@ def test_plot_is_written(tmp_path):
     (["--estimators", "anchor_copuled"], ["not an advantage estimator", "anchor_coupled"]),
     (["--heldout", "100000"], ["--heldout 100000", "held-out problems"]),
     (["--steps", "0"], ["--steps"]),
+    (["--steps", "7", "--eval-every", "5"], ["--steps 7 is not a multiple of --eval-every 5"]),
 ])
 def test_bad_options_are_one_error_line_before_anything_runs(argv, words, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: pytest.fail("started building"))

@@ -230,3 +230,21 @@ def test_shape_errors_are_clear():
         attention_map(torch.randn(2, 4, 2), torch.randn(2, 4, 2), 0, bins=0)
     with pytest.raises(ValueError, match=r"shape \(H, N, N\)"):
         reference_stats(torch.rand(2, 3, 4), 0, AnchorConfig())
+
+
+@pytest.mark.parametrize("hi", [100, None])
+def test_block_geometry_kept_per_call_stays_bounded(monkeypatch, hi):
+    """Only the block every full chunk past the first band shares is kept: blocks that start at key 0 (the
+    first band, analysis mode) differ per chunk, and keeping them all would make memory grow with N^2."""
+    made = []
+
+    class Spy(metrics._BlockGeometry):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(metrics, "_BlockGeometry", Spy)
+    q, k = torch.randn(2, 900, 8), torch.randn(1, 900, 8)
+    token_stats(q, k, AnchorConfig(fai_h_lo=0 if hi is None else 10, fai_h_hi=hi), chunk_size=32)
+    [geometry] = made
+    assert len(geometry._cache) == (0 if hi is None else 2)  # analysis: none; banded: full chunks + the last

@@ -11,7 +11,9 @@ mean@k accuracy (k samples per problem at temperature 1.0, with a fixed sampling
 Writes `results.csv` (estimator, seed, step, greedy, mean@k), `accuracy.png` (mean and standard error
 over seeds vs step) and `table.md` (final-step accuracy per estimator, mean +- standard error over
 seeds, the difference to the first estimator and the smallest difference the runs can detect). A run
-whose evaluation is already in its directory is not run again, so an interrupted comparison resumes.
+whose checkpoints are there for the same training settings is not trained again, and an evaluation
+already made with the same evaluation settings is read back, so an interrupted comparison resumes and
+a change of `--heldout` or `--samples` only re-evaluates.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from pathlib import Path
 from rich.console import Console
 
 from verl_anchor.usage import UsageError, make_dir, out_dir, positive_int
+
+class CompareError(UsageError):
+    """A run that failed (verl's exit code, a missing checkpoint): one `error:` line, its log named."""
+
 
 DEFAULT_ESTIMATORS = ("grpo", "anchor_coupled", "anchor_random")
 Z_ALPHA, Z_POWER = 1.959964, 0.841621  # two-sided 5% test, 80% power
@@ -55,15 +61,19 @@ def run(args: argparse.Namespace) -> int:
         check_estimator(name)
     if len(set(args.estimators)) != len(args.estimators) or len(set(args.seeds)) != len(args.seeds):
         raise UsageError("--estimators and --seeds must not repeat a value")
+    if args.steps % args.eval_every:
+        raise UsageError(f"--steps {args.steps} is not a multiple of --eval-every {args.eval_every}: the last step "
+                         "would not be evaluated; choose steps that are")
     if args.heldout > DEFAULT_RECIPE.heldout_problems:
         raise UsageError(f"--heldout {args.heldout} is more than the policy's {DEFAULT_RECIPE.heldout_problems} "
                          "held-out problems")
     console = Console()
     out = make_dir(args.out.resolve())
     policy = ensure_policy()
-    protocol = {"heldout": args.heldout, "samples": args.samples, "steps": args.steps, "eval_every": args.eval_every,
-                "train_problems": args.train_problems, "policy": policy.name, "run": POLICY_RUN,
-                "overrides": [*POLICY_OVERRIDES, *args.overrides]}
+    # What decides a run's checkpoints, and what decides an evaluation: each cache is keyed by its own part.
+    training = {"steps": args.steps, "eval_every": args.eval_every, "train_problems": args.train_problems,
+                "policy": policy.name, "run": POLICY_RUN, "overrides": [*POLICY_OVERRIDES, *args.overrides]}
+    protocol = {"heldout": args.heldout, "samples": args.samples, "train_problems": args.train_problems}
     start = time.time()
     baseline = _evaluate_cached(out / "step0.json", policy, protocol)
     runs = [(e, s) for s in args.seeds for e in args.estimators]  # seed-major: partial results stay balanced
@@ -71,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     for index, (estimator, seed) in enumerate(runs, 1):
         console.print(f"[bold]run {index}/{len(runs)}[/bold]: {estimator}, seed {seed} "
                       f"({(time.time() - start) / 60:.0f} min so far)")
-        evals = _run_one(out / "runs" / f"{estimator}-s{seed}", estimator, seed, policy, protocol, console)
+        evals = _run_one(out / "runs" / f"{estimator}-s{seed}", estimator, seed, policy, training, protocol, console)
         rows += [{"estimator": estimator, "seed": seed, "step": 0, **baseline}]
         rows += [{"estimator": estimator, "seed": seed, "step": step, **acc} for step, acc in sorted(evals.items())]
     _write_csv(out / "results.csv", rows)
@@ -108,46 +118,47 @@ def _evaluate_cached(path: Path, model_dir: Path, protocol: dict) -> dict:
     return accuracy
 
 
-def _run_one(run_dir: Path, estimator: str, seed: int, policy: Path, protocol: dict, console: Console) -> dict:
-    """Train one run (unless its results are there) and evaluate its saved policies: {step: accuracy}."""
+def _run_one(run_dir: Path, estimator: str, seed: int, policy: Path, training: dict, protocol: dict,
+             console: Console) -> dict:
+    """Train one run (unless its checkpoints for `training` are there) and evaluate them: {step: accuracy}."""
     from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
     from verl_anchor.demo import POLICY_RUN, demo_overrides
 
-    done = run_dir / "evals.json"
-    if done.is_file():
-        cached = json.loads(done.read_text())
-        if cached.get("protocol") == protocol:
-            console.print("  already done; evaluations read from " + str(done))
-            return {int(step): acc for step, acc in cached["evals"].items()}
-    shutil.rmtree(run_dir, ignore_errors=True)
-    make_dir(run_dir)
-    overrides = demo_overrides(run_dir, protocol["steps"], estimator, model=policy, seed=seed,
-                               rl_problems=protocol["train_problems"], **POLICY_RUN,
-                               user_overrides=[
-        f"actor_rollout_ref.rollout.seed={seed}",
-        f"trainer.save_freq={protocol['eval_every']}",
-        "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
-        *protocol["overrides"],
-    ])
-    log_path = run_dir / "main_ppo.log"
-    with console.status(f"  {estimator} seed {seed}: starting verl") as status:
-        def on_line(line: str) -> None:
-            for step, metrics in parse_step_metrics(line).items():
-                status.update(f"  {estimator} seed {seed}: step {step}/{protocol['steps']}, "
-                              f"reward {metrics.get('critic/score/mean', math.nan):.3f}")
+    trained = run_dir / "training.json"
+    if trained.is_file() and json.loads(trained.read_text()) == training:
+        console.print("  trained already; checkpoints in " + str(run_dir / "checkpoints"))
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        make_dir(run_dir)
+        overrides = demo_overrides(run_dir, training["steps"], estimator, model=policy, seed=seed,
+                                   rl_problems=training["train_problems"], **POLICY_RUN, user_overrides=[
+            f"actor_rollout_ref.rollout.seed={seed}",
+            f"trainer.save_freq={training['eval_every']}",
+            "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
+            *training["overrides"],
+        ])
+        log_path = run_dir / "main_ppo.log"
+        with console.status(f"  {estimator} seed {seed}: starting verl") as status:
+            def on_line(line: str) -> None:
+                for step, metrics in parse_step_metrics(line).items():
+                    status.update(f"  {estimator} seed {seed}: step {step}/{training['steps']}, "
+                                  f"reward {metrics.get('critic/score/mean', math.nan):.3f}")
 
-        rc = run_main_ppo(overrides, run_dir, log_path, timeout=3600, on_line=on_line)
-    if rc != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"verl exited with code {rc} in run {run_dir.name}; the end of {log_path}:\n{tail}")
+            rc = run_main_ppo(overrides, run_dir, log_path, timeout=3600, on_line=on_line)
+        if rc != 0:
+            console.print("\n".join(log_path.read_text(errors="replace").splitlines()[-20:]), markup=False)
+            raise CompareError(f"verl exited with code {rc} in run {run_dir.name}; its log: {log_path}")
+        trained.write_text(json.dumps(training) + "\n")
     evals = {}
-    for step in range(protocol["eval_every"], protocol["steps"] + 1, protocol["eval_every"]):
+    for step in range(training["eval_every"], training["steps"] + 1, training["eval_every"]):
         model_dir = run_dir / "checkpoints" / f"global_step_{step}" / "actor" / "huggingface"
+        if not (model_dir / "config.json").is_file():
+            raise CompareError(f"run {run_dir.name} has no checkpoint of step {step} in {model_dir}; delete "
+                               f"{trained} to train it again")
         with console.status(f"  evaluating step {step}"):
             evals[step] = _evaluate_cached(run_dir / f"eval_step{step}.json", model_dir, protocol)
         console.print(f"  step {step}: held-out greedy {evals[step]['greedy']:.3f}, mean@{protocol['samples']} "
                       f"{evals[step]['mean_at_k']:.3f}; training prompts mean@16 {evals[step]['train_mean_at_16']:.3f}")
-    done.write_text(json.dumps({"protocol": protocol, "evals": evals}) + "\n")
     return evals
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from rich.table import Table
 from verl_anchor.usage import UsageError, make_dir, out_dir, positive_int
 
 ACCURACY = "demo/accuracy"  # share of the step's responses scored 1.0, from verl's rollout dump
+_DUMPED = re.compile(r"Dumped generations to .*?(\d+)\.jsonl")
 SHOWN = [
     ("critic/score/mean", "reward"),
     (ACCURACY, "accuracy"),
@@ -169,20 +172,35 @@ def run(args: argparse.Namespace) -> int:
     log_path = out / "main_ppo.log"
     rollouts = out / "rollouts"
     console.print(f"[bold]verl main_ppo[/bold] on CPU: {args.estimator}, {args.steps} steps; full log: {log_path}")
+    shutil.rmtree(rollouts, ignore_errors=True)  # a step's accuracy must come from this run's dump
     start = time.time()
+    pending: dict[int, dict[str, float]] = {}  # steps whose metrics line came before their rollout dump
+    dumped: set[int] = set()
+
+    def show(step: int) -> None:
+        metrics = pending.pop(step)
+        solved = step_accuracy(rollouts, step) if step in dumped else None
+        if solved is not None:
+            metrics[ACCURACY] = solved
+        console.print(f"step {step}: " + ", ".join(f"{label} {metrics[key]:.3g}" for key, label in SHOWN
+                                                    if key in metrics))
+
     with console.status("starting Ray, TransferQueue and the verl workers (about a minute)") as status:
         def on_line(line: str) -> None:
-            for step, metrics in parse_step_metrics(line).items():
-                solved = step_accuracy(rollouts, step)
-                if solved is not None:
-                    metrics[ACCURACY] = solved
-                cells = ", ".join(f"{label} {metrics[key]:.3g}" for key, label in SHOWN if key in metrics)
-                console.print(f"step {step}: {cells}")
-                status.update(f"step {step} done; running the next")
+            pending.update(parse_step_metrics(line))
+            dump = _DUMPED.search(line)
+            if dump:  # verl prints this once the file is written (its dump runs on a background thread)
+                dumped.add(int(dump.group(1)))
+            for step in sorted(pending):
+                if step in dumped:
+                    show(step)
+                    status.update(f"step {step} done; running the next")
             if "Traceback" in line or "Error" in line:
                 status.update("an error was printed; see the log")
 
         rc = run_main_ppo(overrides, out, log_path, on_line=on_line)
+    for step in sorted(pending):
+        show(step)
     steps = parse_step_metrics(log_path.read_text(errors="replace"))
     if rc != 0 or not steps:
         console.print(f"[red]verl exited with code {rc}[/red]; the end of {log_path}:")

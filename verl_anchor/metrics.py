@@ -172,7 +172,7 @@ def token_stats(
         prefix = _prefix_moments(q_chunk, k[:, :ks], scale) if ks > 0 else None
         if prefix is None:
             ks = 0  # no fused kernel (or nothing before the band): score the whole prefix densely
-        block = blocks.get(t1 - t0, t0 - ks)
+        block = blocks.get(t1 - t0, t0 - ks, keep=ks > 0)
         # One exp per score: shift by the row max, normalise once the whole row's log-sum-exp is known.
         probs = _grouped_scores(q_chunk * scale, k[:, ks:t1])
         probs[:, :, t0 - ks :].masked_fill_(block.future, -math.inf)
@@ -279,7 +279,9 @@ def response_signals(stats: TokenStats, response_length: int, cfg: AnchorConfig)
 
 class _BlockGeometry:
     """Constant tensors of a `c x w` block of queries `t0..t0+c-1` and keys `t0-lead..t0+c-1`
-    (`lead = t0 - ks`); all full chunks past the first band share one, so each is built once per call."""
+    (`lead = t0 - ks`). All full chunks past the first band share one (`lead = band`), kept for the call;
+    blocks that start at key 0 (the first band, analysis mode, the dense fallback) differ per chunk and
+    are not kept, so memory stays linear in N."""
 
     def __init__(self, cfg: AnchorConfig, dtype: torch.dtype, device: torch.device) -> None:
         self.cfg, self.dtype, self.device = cfg, dtype, device
@@ -303,18 +305,21 @@ class _BlockGeometry:
             return probs.as_strided((heads, chunk, self.window), (chunk * width, width + 1, 1),
                                     probs.storage_offset() + self.lead + missing - (self.window - 1))
 
-    def get(self, chunk: int, lead: int) -> "_BlockGeometry.Block":
-        if (chunk, lead) not in self._cache:
+    def get(self, chunk: int, lead: int, keep: bool) -> "_BlockGeometry.Block":
+        """The block of `chunk` queries with `lead` keys before them; `keep` it for later chunks of the call."""
+        block = self._cache.get((chunk, lead))
+        if block is None:
             cfg = self.cfg
             offset = (torch.arange(chunk, device=self.device)[:, None] + lead
                       - torch.arange(chunk + lead, device=self.device)[None, :])  # [i, j] = t - s
             horizon = offset >= cfg.fai_h_lo
             if cfg.fai_h_hi is not None:
                 horizon &= offset <= cfg.fai_h_hi
-            self._cache[chunk, lead] = self.Block(
-                future=offset[:, lead:] < 0, dist=offset.clamp(min=0).to(self.dtype),
-                horizon=horizon.to(self.dtype), lead=lead, window=cfg.window)
-        return self._cache[chunk, lead]
+            block = self.Block(future=offset[:, lead:] < 0, dist=offset.clamp(min=0).to(self.dtype),
+                               horizon=horizon.to(self.dtype), lead=lead, window=cfg.window)
+            if keep:
+                self._cache[chunk, lead] = block
+        return block
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, first: int, chunk_size: int) -> None:

@@ -12,7 +12,7 @@ one on first use by supervised fine-tuning (SFT) and caches it, keyed by a diges
   `<think> 3 * 7 = 21, 21 + 5 = 26 </think> <answer> (3 * 7) + 5 </answer>` (~31 tokens, so the
   FAI horizon [10, 100] has keys to read).
 * **Model.** The tiny tokenizer and a Qwen3-architecture decoder of 6 layers, 4 query / 2 KV heads
-  of dim 32, hidden 128 (~1.6M parameters): the middle third of 6 layers gives the statistics 3
+  of dim 32, hidden 128 (1.44M parameters): the middle third of 6 layers gives the statistics 3
   layers x 4 heads = 12 heads, so the local and global groups (30% each) are 3 heads apiece out of
   a spread of spans, not 1 of 4 as in the 2-layer test model.
 * **Training.** A plain torch loop (AdamW, linear warm-up, cosine decay, loss on the response

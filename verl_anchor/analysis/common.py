@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     parser.add_argument("--prompts", type=in_path, default=None,
                         help="jsonl with a `prompt` field per line (optional `response`: then no generation), or "
                              "a verl parquet such as `verl-anchor data gsm8k` writes; "
-                             "default with --demo: the demo policy's first held-out Countdown problems")
+                             "default: the demo policy's first six held-out Countdown problems (short prompt)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first LIMIT prompts")
     parser.add_argument("--out", type=out_dir, required=True, help="output directory")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="response length limit")
