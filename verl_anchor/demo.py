@@ -121,7 +121,7 @@ def demo_overrides(out: Path, steps: int, estimator: str, user_overrides: list[s
     """
     from verl_anchor import rewards
     from verl_anchor.cpu import cpu_overrides
-    from verl_anchor.policy import ensure_policy
+    from verl_anchor.policy import MAX_NEW_TOKENS, ensure_policy
 
     model = ensure_policy() if model is None else model
     train, test = write_policy_data(out / "data", rl_problems)
@@ -130,7 +130,7 @@ def demo_overrides(out: Path, steps: int, estimator: str, user_overrides: list[s
     dynamic = (_override_value(user_overrides, "actor_rollout_ref.actor.use_dynamic_bsz") or "false").lower() == "true"
     return cpu_overrides(
         model, train, test, adv_estimator=estimator,
-        total_training_steps=steps, max_prompt_length=256, max_response_length=48,
+        total_training_steps=steps, max_prompt_length=256, max_response_length=MAX_NEW_TOKENS,
         use_remove_padding=True, attn_implementation="sdpa", n_gpus=n_gpus, use_dynamic_bsz=dynamic, **cpu_options,
     ) + [
         f"reward.custom_reward_function.path={Path(rewards.__file__)}",
