@@ -312,6 +312,7 @@ def test_demo_shows_each_step_with_the_accuracy_of_its_own_rollout_dump(tmp_path
     monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: policy)
     monkeypatch.setattr("verl_anchor.policy.policy_dir", lambda *a, **k: policy)
     monkeypatch.setattr(demo, "demo_overrides", lambda *a, **k: [])
+    monkeypatch.setattr("verl_anchor.launch.check_main_ppo", lambda overrides: None)  # [] is not a demo's config
     out = tmp_path / "out"
     stale = out / "rollouts" / "1.jsonl"
     stale.parent.mkdir(parents=True)

@@ -55,7 +55,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from verl_anchor.demo import POLICY_OVERRIDES, POLICY_RUN, check_estimator
-    from verl_anchor.policy import DEFAULT_RECIPE, ensure_policy
+    from verl_anchor.launch import check_main_ppo
+    from verl_anchor.policy import DEFAULT_RECIPE, ensure_policy, policy_dir
 
     for name in args.estimators:
         check_estimator(name)
@@ -67,16 +68,19 @@ def run(args: argparse.Namespace) -> int:
     if args.heldout > DEFAULT_RECIPE.heldout_problems:
         raise UsageError(f"--heldout {args.heldout} is more than the policy's {DEFAULT_RECIPE.heldout_problems} "
                          "held-out problems")
+    # What decides a run's checkpoints, and what decides an evaluation: each cache is keyed by its own part.
+    training = {"steps": args.steps, "eval_every": args.eval_every, "train_problems": args.train_problems,
+                "policy": policy_dir().name, "run": POLICY_RUN, "overrides": [*POLICY_OVERRIDES, *args.overrides]}
+    runs = [(e, s) for s in args.seeds for e in args.estimators]  # seed-major: partial results stay balanced
+    for estimator, seed in runs:  # each run's main_ppo config, before the policy is built or evaluated
+        check_main_ppo(run_overrides(args.out.resolve() / "runs" / f"{estimator}-s{seed}", estimator, seed,
+                                     policy_dir(), training, build=False))
     console = Console()
     out = make_dir(args.out.resolve())
     policy = ensure_policy()
-    # What decides a run's checkpoints, and what decides an evaluation: each cache is keyed by its own part.
-    training = {"steps": args.steps, "eval_every": args.eval_every, "train_problems": args.train_problems,
-                "policy": policy.name, "run": POLICY_RUN, "overrides": [*POLICY_OVERRIDES, *args.overrides]}
     protocol = {"heldout": args.heldout, "samples": args.samples, "train_problems": args.train_problems}
     start = time.time()
     baseline = _evaluate_cached(out / "step0.json", policy, protocol)
-    runs = [(e, s) for s in args.seeds for e in args.estimators]  # seed-major: partial results stay balanced
     rows = []
     for index, (estimator, seed) in enumerate(runs, 1):
         console.print(f"[bold]run {index}/{len(runs)}[/bold]: {estimator}, seed {seed} "
@@ -122,7 +126,6 @@ def _run_one(run_dir: Path, estimator: str, seed: int, policy: Path, training: d
              console: Console) -> dict:
     """Train one run (unless its checkpoints for `training` are there) and evaluate them: {step: accuracy}."""
     from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
-    from verl_anchor.demo import POLICY_RUN, demo_overrides
 
     trained = run_dir / "training.json"
     if trained.is_file() and json.loads(trained.read_text()) == training:
@@ -130,13 +133,7 @@ def _run_one(run_dir: Path, estimator: str, seed: int, policy: Path, training: d
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         make_dir(run_dir)
-        overrides = demo_overrides(run_dir, training["steps"], estimator, model=policy, seed=seed,
-                                   rl_problems=training["train_problems"], **POLICY_RUN, user_overrides=[
-            f"actor_rollout_ref.rollout.seed={seed}",
-            f"trainer.save_freq={training['eval_every']}",
-            "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
-            *training["overrides"],
-        ])
+        overrides = run_overrides(run_dir, estimator, seed, policy, training)
         log_path = run_dir / "main_ppo.log"
         with console.status(f"  {estimator} seed {seed}: starting verl") as status:
             def on_line(line: str) -> None:
@@ -160,6 +157,19 @@ def _run_one(run_dir: Path, estimator: str, seed: int, policy: Path, training: d
         console.print(f"  step {step}: held-out greedy {evals[step]['greedy']:.3f}, mean@{protocol['samples']} "
                       f"{evals[step]['mean_at_k']:.3f}; training prompts mean@16 {evals[step]['train_mean_at_16']:.3f}")
     return evals
+
+
+def run_overrides(run_dir: Path, estimator: str, seed: int, policy: Path, training: dict, build: bool = True) -> list[str]:
+    """The main_ppo overrides of one (estimator, seed) run; `build=False` writes nothing (to check them first)."""
+    from verl_anchor.demo import POLICY_RUN, demo_overrides
+
+    return demo_overrides(run_dir, training["steps"], estimator, model=policy, seed=seed,
+                          rl_problems=training["train_problems"], build=build, **POLICY_RUN, user_overrides=[
+        f"actor_rollout_ref.rollout.seed={seed}",
+        f"trainer.save_freq={training['eval_every']}",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
+        *training["overrides"],
+    ])
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -94,6 +94,11 @@ RL_PROBLEMS = 64  # the demo's RL prompts: the generator's stream right after th
 VAL_PROBLEMS = 16
 
 
+def policy_data_files(data: Path) -> tuple[Path, Path]:
+    """Where `write_policy_data` writes the RL prompts and the validation problems."""
+    return data / "train.parquet", data / "test.parquet"
+
+
 def write_policy_data(data: Path, rl_problems: int = RL_PROBLEMS, val_problems: int = VAL_PROBLEMS) -> tuple[Path, Path]:
     """`train.parquet` (RL prompts the policy never saw in SFT) and `test.parquet` (the first `val_problems`
     of its held-out set), short prompts (a second or so: written on every call)."""
@@ -101,7 +106,7 @@ def write_policy_data(data: Path, rl_problems: int = RL_PROBLEMS, val_problems: 
     from verl_anchor.data.schema import write_parquet
     from verl_anchor.policy import policy_splits
 
-    train, test = data / "train.parquet", data / "test.parquet"
+    train, test = policy_data_files(data)
     splits = policy_splits(rl_problems=rl_problems)
     write_parquet(countdown_rows(splits.rl, "train", "short"), COUNTDOWN_SCHEMA, train)
     write_parquet(countdown_rows(splits.heldout[:val_problems], "test", "short"), COUNTDOWN_SCHEMA, test)
@@ -109,22 +114,28 @@ def write_policy_data(data: Path, rl_problems: int = RL_PROBLEMS, val_problems: 
 
 
 def demo_overrides(out: Path, steps: int, estimator: str, user_overrides: list[str] = (),
-                   model: Path | None = None, rl_problems: int = RL_PROBLEMS, **cpu_options: Any) -> list[str]:
+                   model: Path | None = None, rl_problems: int = RL_PROBLEMS, build: bool = True,
+                   **cpu_options: Any) -> list[str]:
     """Model, data and the verl overrides of the demo run (builds the assets on first use).
 
     `model`: default the trained Countdown policy (`policy.ensure_policy`, shared cache); tests pass the
     tiny random model. `rl_problems`: how many RL prompts `train.parquet` holds. `cpu_options` go to
-    `cpu.cpu_overrides` (batch sizes, learning rate, seed).
+    `cpu.cpu_overrides` (batch sizes, learning rate, seed). `build=False`: the same overrides, but
+    nothing is trained or written (the paths are where the assets will be), to check them first.
     `user_overrides` go last (they win); CPU mode follows two of them through the
     rest of the config: `trainer.n_gpus_per_node` (fake logical GPUs) and
     `actor_rollout_ref.actor.use_dynamic_bsz` (the log-prob pass and the critic must match it).
     """
     from verl_anchor import rewards
     from verl_anchor.cpu import cpu_overrides
-    from verl_anchor.policy import MAX_NEW_TOKENS, ensure_policy
+    from verl_anchor.policy import MAX_NEW_TOKENS, ensure_policy, policy_dir
 
-    model = ensure_policy() if model is None else model
-    train, test = write_policy_data(out / "data", rl_problems)
+    if build:
+        model = ensure_policy() if model is None else model
+        train, test = write_policy_data(out / "data", rl_problems)
+    else:
+        model = policy_dir() if model is None else model
+        train, test = policy_data_files(out / "data")
     user_overrides = list(user_overrides)
     n_gpus = int(_override_value(user_overrides, "trainer.n_gpus_per_node") or 1)
     dynamic = (_override_value(user_overrides, "actor_rollout_ref.actor.use_dynamic_bsz") or "false").lower() == "true"
@@ -154,11 +165,15 @@ def step_accuracy(rollouts: Path, step: int) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
+    from verl_anchor.launch import check_main_ppo
     from verl_anchor.policy import default_cache_dir, ensure_policy, policy_dir
 
     check_estimator(args.estimator)
+    out, user_overrides = args.out.resolve(), [*POLICY_OVERRIDES, *args.overrides]
+    # The config main_ppo will compose, checked before the policy is trained or any file written.
+    check_main_ppo(demo_overrides(out, args.steps, args.estimator, user_overrides, build=False, **POLICY_RUN))
     console = Console()
-    out = make_dir(args.out.resolve())
+    make_dir(out)
     if not (policy_dir() / "policy.json").is_file():
         console.print("training the small Countdown policy (first run only, about 3 minutes on 2 cores; cached in "
                       f"{default_cache_dir()})")
@@ -167,8 +182,7 @@ def run(args: argparse.Namespace) -> int:
     accuracy = info["heldout_accuracy"]
     console.print(f"policy: {policy} ({info['parameters'] / 1e6:.1f}M parameters); held-out accuracy "
                   f"{accuracy['sampled_t1']:.1%} sampled at temperature 1, {accuracy['greedy']:.1%} greedy")
-    overrides = demo_overrides(out, args.steps, args.estimator, [*POLICY_OVERRIDES, *args.overrides], model=policy,
-                               **POLICY_RUN)
+    overrides = demo_overrides(out, args.steps, args.estimator, user_overrides, model=policy, **POLICY_RUN)
     log_path = out / "main_ppo.log"
     rollouts = out / "rollouts"
     console.print(f"[bold]verl main_ppo[/bold] on CPU: {args.estimator}, {args.steps} steps; full log: {log_path}")

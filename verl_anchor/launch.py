@@ -3,7 +3,8 @@
 Order: compose the recipe with the overrides, run verl's `validate_config` (as `main_ppo` does)
 and the anchor checks (`read_settings`) on it, and only then prepare data and start verl, so a
 bad option costs seconds, not a data build or a Ray start. `--dry-run` stops before starting
-verl and prints the command.
+verl and prints the command. `check_main_ppo` is the same check for a plain `main_ppo` command
+line (verl's own config plus overrides): `demo` and `compare` run it before they build anything.
 
 The recipe's data files live under `$VERL_ANCHOR_DATA` (default `~/data/verl_anchor`), one
 directory per dataset name (`countdown/`, `dapo-math-17k/`, `aime24/`, ...). Missing ones
@@ -27,6 +28,8 @@ from verl_anchor.usage import UsageError, make_dir
 
 # The recipes' base config, not a recipe of its own.
 _BASE_CONFIG = "anchor_base"
+# Where `verl.trainer.main_ppo` (config_path="config" beside it) finds its `ppo_trainer` config.
+_MAIN_PPO_CONFIG = "verl.trainer.config"
 
 
 def recipe_names() -> list[str]:
@@ -50,21 +53,38 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def compose_recipe(recipe: str, overrides: list[str]) -> Any:
     """The recipe composed with ``overrides`` and resolved; `UsageError` for an unknown recipe or a bad override."""
+    if recipe not in recipe_names():
+        raise UsageError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())}")
+    return _compose("verl_anchor.recipes", recipe, overrides, f"recipe {recipe} with overrides {overrides}")
+
+
+def check_main_ppo(overrides: list[str]) -> Any:
+    """The config `python -m verl.trainer.main_ppo OVERRIDES` runs with (verl's own `ppo_trainer`), composed
+    and checked as `train` checks a recipe (`validate`); `UsageError` naming the bad override or value.
+
+    Cheap: hydra and the checks only (no Ray, no model, no data; 1-2 s, docs/usage.md), so `demo` and
+    `compare` run it before they build or train anything.
+    """
+    config = _compose(_MAIN_PPO_CONFIG, "ppo_trainer", overrides, "verl's main_ppo config")
+    validate(config)
+    return config
+
+
+def _compose(config_module: str, config_name: str, overrides: list[str], what: str) -> Any:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    if recipe not in recipe_names():
-        raise UsageError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())}")
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module="verl_anchor.recipes", version_base=None):
-            config = compose(config_name=recipe, overrides=overrides)
+        with initialize_config_module(config_module=config_module, version_base=None):
+            config = compose(config_name=config_name, overrides=overrides)
         OmegaConf.resolve(config)
     except (HydraException, OmegaConfBaseException) as err:
-        raise UsageError(f"recipe {recipe} with overrides {overrides}: {err}") from err
+        # hydra's message names the override ("Could not override 'nonsense.key'", "Error parsing override").
+        raise UsageError(f"{what}: {err}") from err
     return config
 
 
