@@ -45,7 +45,7 @@ def _eager(path):
 def _session(model_path, map_bins):
     """A `Session` on a saved model, as `--model PATH` builds it (default options)."""
     args = argparse.Namespace(demo=False, model=model_path, prompts=None, out=None, max_new_tokens=MAX_NEW,
-                              temperature=0.7, seed=0, num_layers=5, limit=None)
+                              temperature=0.7, seed=0, num_layers=None, limit=None)
     return common.Session(args, map_bins=map_bins)
 
 
@@ -241,12 +241,12 @@ def test_bad_prompts_file(tmp_path, capsys, content, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["analyze", "--max-new-tokens", "0"], "--max-new-tokens=0 is invalid"),
-    (["analyze", "--temperature", "-1"], "--temperature=-1.0 is invalid"),
+    (["analyze", "--temperature", "-1"], "argument --temperature: -1 is invalid"),
     (["analyze", "--num-layers", "0"], "--num-layers"),
     (["analyze", "--map-bins", "0"], "--map-bins=0 is invalid"),
     (["analyze", "--limit", "0"], "--limit=0 is invalid"),
     (["coupling", "--peak-quantile", "0"], "--peak-quantile=0.0 is invalid"),
-    (["perturb", "--candidates", "0"], "--candidates=0 is invalid"),
+    (["perturb", "--candidates", "0"], "argument --candidates: 0 is invalid"),
 ])
 def test_bad_options_exit_2_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model was loaded"))

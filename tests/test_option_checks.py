@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from verl_anchor import cli
 
@@ -114,3 +115,66 @@ def test_demo_subprocess_refuses_an_unknown_key_with_one_line(tmp_path: Path) ->
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nonsense.key" in lines[0], done.stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers: inf, nan, negative, beyond what the model or the machine has
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e-45", "1e9"])
+def test_temperature_must_be_greedy_or_a_sensible_finite_number(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                no_model_load: None, value: str) -> None:
+    for command in ("analyze", "coupling", "perturb"):
+        assert_usage_error([command, "--demo", "--out", str(tmp_path / "o"), "--temperature", value], capsys,
+                           "argument --temperature")
+    assert not (tmp_path / "o").exists()
+
+
+def test_temperature_zero_and_ordinary_values_are_accepted() -> None:
+    from verl_anchor.usage import temperature
+
+    assert [temperature(v) for v in ("0", "0.7", "1", "2")] == [0.0, 0.7, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["analyze", "--num-layers", "1000"], "argument --num-layers: 1000 is too large"),
+    (["coupling", "--shuffles", str(10**9)], "argument --shuffles"),
+    (["perturb", "--candidates", "1000"], "argument --candidates: 1000 is too large"),
+    (["perturb", "--positions", "-1"], "argument --positions"),
+    (["perturb", "--min-future", "-1"], "argument --min-future"),
+])
+def test_analysis_numbers_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: None,
+                                       argv: list[str], message: str) -> None:
+    assert_usage_error([*argv, "--demo", "--out", str(tmp_path / "o")], capsys, message)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from verl_anchor.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny"))  # 2 layers: the middle third is both
+
+
+def test_num_layers_beyond_the_models_middle_third(tiny_model: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Count to three.", "response": "one two three"}) + "\n")
+    argv = ["analyze", "--model", str(tiny_model), "--prompts", str(prompts), "--map-bins", "4"]
+    assert_usage_error([*argv, "--num-layers", "3", "--out", str(tmp_path / "a")], capsys,
+                       "--num-layers 3 is more layers than the middle third", "2 (0, 1)", "use --num-layers 2 or fewer",
+                       "--layers")
+    assert cli.main([*argv, "--num-layers", "2", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["layers"] == [0, 1]
+    assert cli.main([*argv, "--out", str(tmp_path / "c")]) == 0  # the default (5) takes what there is
+
+
+def test_peak_radius_beyond_the_response_is_the_whole_response() -> None:
+    from verl_anchor.analysis.coupling import find_peaks
+
+    values = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2])
+    assert find_peaks(values, 1.0, 10**12).tolist() == find_peaks(values, 1.0, 5).tolist() == [1]
+
+
+def test_compare_seeds_are_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str], nothing_built: None) -> None:
+    for value in ("-1", str(2**64)):
+        assert_usage_error(["compare", "--out", str(tmp_path / "o"), "--seeds", "0", value], capsys, "argument --seeds")

@@ -30,6 +30,7 @@ from pathlib import Path
 from rich.console import Console
 
 from verl_anchor.usage import UsageError, make_dir, out_dir, positive_int
+from verl_anchor.usage import seed as seed_option
 
 class CompareError(UsageError):
     """A run that failed (verl's exit code, a missing checkpoint): one `error:` line, its log named."""
@@ -43,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=out_dir, default=Path("outputs/compare"), help="where runs and results go")
     parser.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS),
                         help="algorithm.adv_estimator values; the first is the baseline of the table")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (data order, sampling)")
+    parser.add_argument("--seeds", nargs="+", type=seed_option, default=[0, 1, 2], help="seeds (data order, sampling)")
     parser.add_argument("--steps", type=positive_int, default=30, help="training steps per run")
     parser.add_argument("--eval-every", type=positive_int, default=5, help="evaluate every this many steps")
     parser.add_argument("--heldout", type=positive_int, default=256, help="held-out problems evaluated")

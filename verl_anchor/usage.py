@@ -3,17 +3,28 @@
 `UsageError` is the one exception type that `verl_anchor.cli.main` reports as a single
 ``error: ...`` line with exit code 2 (the sub-commands' own input errors subclass it); anything
 else is a bug and keeps its traceback. The ``argparse`` types below check paths and seeds while
-the command line is parsed, before any model is loaded or data is generated.
+the command line is parsed, before any model is loaded or data is generated. Numbers are finite and
+bounded: an `inf`, a `nan` or a size no machine can hold is refused here, not hours later.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 # Largest accepted seed: a command adds the prompt index to it, and the sum must still fit the
 # 64-bit seeds of torch and numpy.
 MAX_SEED = 2**63 - 1
+# Largest value a parquet int64 column (Countdown's numbers and targets) holds.
+MAX_INT64 = 2**63 - 1
+# No decoder has more layers (the largest open models have ~130): a bigger --num-layers is a typo.
+MAX_LAYERS = 256
+# Sampling temperatures (0 = greedy): below the minimum sampling is greedy in all but name and the
+# scaled logits can overflow (1e-45 makes transformers' sampler fail); above the maximum every token
+# is about equally likely (inf: exactly uniform), i.e. noise, not the model.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 
 class UsageError(ValueError):
@@ -59,14 +70,38 @@ def make_dir(path: Path, error: type[UsageError] = UsageError) -> Path:
     return path
 
 
-def positive_int(value: str) -> int:
-    """An integer >= 1 (a count of steps, prompts, ...)."""
+def bounded_int(minimum: int, maximum: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer from ``minimum`` to ``maximum`` (None: no upper bound); ``why`` says
+    what the upper bound protects, in the refusal."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is invalid: use an integer >= {minimum}")
+        if maximum is not None and number > maximum:
+            reason = f" ({why})" if why else ""
+            raise argparse.ArgumentTypeError(f"{value} is too large: use an integer from {minimum} to {maximum}{reason}")
+        return number
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in some messages
+    return parse
+
+
+positive_int = bounded_int(1)  # a count of steps, prompts, ...
+
+
+def temperature(value: str) -> float:
+    """A sampling temperature: 0 (greedy), or a finite number from `MIN_TEMPERATURE` to `MAX_TEMPERATURE`."""
     try:
-        number = int(value)
+        number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: use an integer >= 1")
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if number != 0 and not (math.isfinite(number) and MIN_TEMPERATURE <= number <= MAX_TEMPERATURE):
+        raise argparse.ArgumentTypeError(f"{value} is invalid: use 0 (greedy) or a number from {MIN_TEMPERATURE:g} "
+                                         f"to {MAX_TEMPERATURE:g}")
     return number
 
 

@@ -25,11 +25,13 @@ from verl_anchor.capture import AttentionCapture, CaptureError
 from verl_anchor.config import AnchorConfig
 from verl_anchor.credit import select_tokens, waad_jumps
 from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, response_signals
-from verl_anchor.usage import UsageError, in_path, layer_list, make_dir, model_ref, out_dir, seed
+from verl_anchor.usage import (MAX_LAYERS, UsageError, bounded_int, in_path, layer_list, make_dir, model_ref, out_dir,
+                               seed, temperature)
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
 
 DEMO_PROBLEMS = 6  # `--demo` analyses the first held-out Countdown problems of the trained demo policy
+DEFAULT_NUM_LAYERS = AnchorConfig.num_layers  # training's default, the paper's
 
 
 def demo_prompts() -> list[str]:
@@ -59,10 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     parser.add_argument("--limit", type=int, default=None, help="use only the first LIMIT prompts")
     parser.add_argument("--out", type=out_dir, required=True, help="output directory")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="response length limit")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--temperature", type=temperature, default=0.7,
+                        help="sampling temperature: 0 = greedy, else 0.01 to 100")
     parser.add_argument("--seed", type=seed, default=0, help="prompt i is sampled with seed + i")
-    parser.add_argument("--num-layers", type=int, default=5,
-                        help="layers captured: this many evenly spaced over the middle third")
+    parser.add_argument("--num-layers", type=bounded_int(1, MAX_LAYERS, "no model has more layers"), default=None,
+                        help=f"layers captured: this many evenly spaced over the middle third (default "
+                             f"{DEFAULT_NUM_LAYERS}, or all of the middle third when it has fewer; more than it has "
+                             "is refused)")
     parser.add_argument("--layers", type=layer_list, default=None,
                         help="capture exactly these layers instead, comma-separated 0-based indices (e.g. 3,7; "
                              "for hybrid models, whose refusal lists the layers that can be captured)")
@@ -242,21 +247,32 @@ class Session:
     def __init__(self, args: argparse.Namespace, candidates: int = 0, map_bins: int | None = None) -> None:
         self.args = args
         self.items = load_prompts(args.prompts, args.limit)
+        num_layers = DEFAULT_NUM_LAYERS if args.num_layers is None else args.num_layers
         try:
-            self.cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None, num_layers=args.num_layers,
-                                    layers=getattr(args, "layers", None))
+            self.cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None, num_layers=num_layers, layers=getattr(args, "layers", None))
         except ValueError as err:
             raise AnalysisError(f"--num-layers: {err}" if "num_layers" in str(err) else f"--layers: {err}") from err
-        check_options([("max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
-                       ("temperature", args.temperature, args.temperature >= 0, "0 (greedy) or a positive number")])
+        check_options([("max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1")])
         self.model, self.tokenizer, self.name = load_model(args)
         self.capture = AttentionCapture(self.model, self.cfg, map_bins=map_bins)
+        self._check_num_layers()
         for index, item in enumerate(self.items):
             if not self.prompt_ids(item["prompt"]):
                 raise AnalysisError(f"prompt {index} is empty and the tokenizer of {self.name} has no chat template "
                                     "to wrap it: give every prompt some text")
         self.candidates = candidates
         self.device = next(self.model.parameters()).device
+
+    def _check_num_layers(self) -> None:
+        """An explicit `--num-layers` the model cannot give (the middle third has fewer distinct layers) is refused,
+        not silently cut to what there is."""
+        asked = self.args.num_layers
+        if asked is None or self.cfg.layers is not None or asked <= len(self.capture.layers):
+            return
+        got = self.capture.layers
+        raise AnalysisError(f"--num-layers {asked} is more layers than the middle third of {self.name} has: "
+                            f"{len(got)} ({', '.join(map(str, got))}); use --num-layers {len(got)} or fewer, "
+                            "or --layers to choose layers anywhere in the model")
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt as the model sees it: the chat template when the tokenizer has one."""

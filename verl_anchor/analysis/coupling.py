@@ -38,6 +38,9 @@ from verl_anchor.analysis.common import (
     user_errors,
     write_json,
 )
+from verl_anchor.usage import bounded_int
+
+MAX_SHUFFLES = 10_000  # random placements per baseline: its standard error shrinks as 1 / sqrt(shuffles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,7 @@ def find_peaks(values: torch.Tensor, quantile: float, radius: int, eligible: tor
         values = values - local_mean(values, usable, window)
     k = max(1, math.ceil(quantile * positions.numel() - 1e-9))
     order = torch.sort(values[positions], descending=True, stable=True).indices[:k]
+    radius = min(radius, values.numel())  # a radius past the ends sees the whole signal, as this one does
     masked = torch.where(usable, values, torch.full_like(values, -math.inf))
     padded = torch.nn.functional.pad(masked[None, None], (radius, radius), value=-math.inf)[0, 0]
     window_max = padded.unfold(0, 2 * radius + 1, 1).max(dim=1).values
@@ -163,7 +167,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="a receiver-head FAI peak co-occurs with a global one within this many tokens")
     parser.add_argument("--receivers", type=int, default=None,
                         help="number of receiver heads (default: the size of the global group)")
-    parser.add_argument("--shuffles", type=int, default=defaults.shuffles, help="random placements for the baselines")
+    parser.add_argument("--shuffles", type=bounded_int(1, MAX_SHUFFLES, "the baselines' error is already tiny; more "
+                                                        "only takes longer"), default=defaults.shuffles,
+                        help=f"random placements for the baselines (at most {MAX_SHUFFLES})")
 
 
 @user_errors

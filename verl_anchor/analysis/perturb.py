@@ -29,11 +29,14 @@ from verl_anchor.analysis.common import (
     Session,
     add_arguments,
     make_out,
-    check_options,
     print_table,
     user_errors,
     write_json,
 )
+from verl_anchor.usage import bounded_int, positive_int
+
+# Candidates beyond this would make each position's batched generation vocabulary-sized.
+MAX_CANDIDATES = 100
 
 # Function words carry no content; numbers do (they are the reasoning in math problems).
 STOP_WORDS = frozenset("""
@@ -75,19 +78,18 @@ def fai_positions(fai: torch.Tensor, min_future: int, count: int) -> tuple[list[
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, max_new_tokens=128)
-    parser.add_argument("--positions", type=int, default=3, help="high- and low-FAI positions per response")
-    parser.add_argument("--candidates", type=int, default=3, help="alternative tokens forced at each position")
-    parser.add_argument("--continuation-tokens", type=int, default=64, help="greedy tokens after each forced token")
-    parser.add_argument("--min-future", type=int, default=10,
+    parser.add_argument("--positions", type=positive_int, default=3, help="high- and low-FAI positions per response")
+    parser.add_argument("--candidates", type=bounded_int(1, MAX_CANDIDATES, "each is one more sequence in every "
+                                                          "position's batched generation"), default=3,
+                        help=f"alternative tokens forced at each position (at most {MAX_CANDIDATES})")
+    parser.add_argument("--continuation-tokens", type=positive_int, default=64,
+                        help="greedy tokens after each forced token")
+    parser.add_argument("--min-future", type=bounded_int(0), default=10,
                         help="positions need at least this many response tokens after them")
 
 
 @user_errors
 def run(args: argparse.Namespace) -> int:
-    check_options([("positions", args.positions, args.positions >= 1, "an integer >= 1"),
-                   ("candidates", args.candidates, args.candidates >= 1, "an integer >= 1"),
-                   ("continuation-tokens", args.continuation_tokens, args.continuation_tokens >= 1, "an integer >= 1"),
-                   ("min-future", args.min_future, args.min_future >= 0, "an integer >= 0")])
     out = make_out(args)
     # Keep a few more candidates than asked: the response's own token and end/pad tokens are skipped.
     session = Session(args, candidates=args.candidates + 3)
