@@ -178,3 +178,42 @@ def test_peak_radius_beyond_the_response_is_the_whole_response() -> None:
 def test_compare_seeds_are_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str], nothing_built: None) -> None:
     for value in ("-1", str(2**64)):
         assert_usage_error(["compare", "--out", str(tmp_path / "o"), "--seeds", "0", value], capsys, "argument --seeds")
+
+
+# ---------------------------------------------------------------------------------------------
+# data countdown
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-size", str(10**8)], "argument --train-size: 100000000 is too large: use an integer from 0 to 1000000"),
+    (["--test-size", "-5"], "argument --test-size: -5 is invalid: use an integer >= 0"),
+    (["--max-numbers", "11"], "argument --max-numbers: 11 is too large"),
+    (["--min-numbers", "1"], "argument --min-numbers: 1 is invalid"),
+    (["--max-target", str(10**24)], "argument --max-target"),  # parquet's int64
+    (["--max-number", str(10**20)], "argument --max-number"),
+])
+def test_countdown_sizes_and_ranges(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                    message: str) -> None:
+    assert_usage_error(["data", "countdown", "--out", str(tmp_path / "cd"), *argv], capsys, message)
+    assert not (tmp_path / "cd").exists()
+
+
+def test_countdown_problems_in_one_set_are_capped() -> None:
+    """Held in memory until written: a million is ~3 GB; 1e8 would need ~300 GB (and an hour) before failing."""
+    from verl_anchor.data.countdown import MAX_PROBLEMS, generate_countdown
+    from verl_anchor.data.schema import DataError
+
+    with pytest.raises(DataError, match=f"{MAX_PROBLEMS} train \\+ 1 test problems, more than the {MAX_PROBLEMS}"):
+        generate_countdown(MAX_PROBLEMS, 1)
+
+
+def test_countdown_subprocess_refuses_1e8_problems_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, "-m", "verl_anchor.cli", "data", "countdown", "--out", str(tmp_path / "cd"),
+                           "--train-size", "100000000"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: argument --train-size: 100000000 is too large: use an integer from 0 "
+                                        "to 1000000 (the problems are held in memory, about 3 GB per million) "
+                                        "(see verl-anchor data --help)"]
+    assert not (tmp_path / "cd").exists()

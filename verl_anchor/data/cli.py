@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from verl_anchor.data.countdown import prepare_countdown
+from verl_anchor.data.countdown import MAX_COUNT, MAX_PROBLEMS, prepare_countdown
 from verl_anchor.data.math_sets import DATASETS, HubUnavailable, prepare_math
-from verl_anchor.usage import UsageError, in_path, out_dir, seed
+from verl_anchor.usage import MAX_INT64, UsageError, bounded_int, in_path, out_dir, seed
+
+_SIZE = bounded_int(0, MAX_PROBLEMS, "the problems are held in memory, about 3 GB per million")
+_COUNT = bounded_int(2, MAX_COUNT, "larger sets almost never reach a target")
+_VALUE = bounded_int(1, MAX_INT64, "parquet stores them as int64")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +28,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     group = parser.add_argument_group("countdown")
     group.add_argument("--seed", type=seed, default=0, help="generator seed (default 0)")
-    group.add_argument("--train-size", type=int, default=20_000, help="train problems (default 20000)")
-    group.add_argument("--test-size", type=int, default=512, help="test problems (default 512)")
-    group.add_argument("--min-numbers", type=int, default=3, help="fewest numbers per problem (default 3)")
-    group.add_argument("--max-numbers", type=int, default=4, help="most numbers per problem (default 4)")
-    group.add_argument("--max-target", type=int, default=1000, help="largest target (default 1000)")
-    group.add_argument("--max-number", type=int, default=100, help="largest number (default 100)")
+    group.add_argument("--train-size", type=_SIZE, default=20_000,
+                       help=f"train problems (default 20000; train + test at most {MAX_PROBLEMS})")
+    group.add_argument("--test-size", type=_SIZE, default=512, help="test problems (default 512)")
+    group.add_argument("--min-numbers", type=_COUNT, default=3, help="fewest numbers per problem (default 3)")
+    group.add_argument("--max-numbers", type=_COUNT, default=4, help=f"most numbers per problem (default 4, at most {MAX_COUNT})")
+    group.add_argument("--max-target", type=_VALUE, default=1000, help="largest target (default 1000)")
+    group.add_argument("--max-number", type=_VALUE, default=100, help="largest number (default 100)")
     group.add_argument("--prompt-style", choices=["tinyzero", "short"], default="tinyzero",
                        help="TinyZero's instruction (the recipes') or the short one of the CPU demo policy")
 

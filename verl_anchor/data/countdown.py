@@ -27,6 +27,9 @@ MAX_NUMBER = 100  # countdown numbers are drawn from 1..max_number, by default t
 MAX_COUNT = 10  # most numbers in one problem (the game has 6; larger sets almost never hit a target)
 # Draws in a row without a new problem after which the ranges count as exhausted.
 MAX_MISSES = 100_000
+# Most problems in one call: they are all held in memory until written (about 3 GB and 1.5 minutes per
+# million on a laptop core), so 1e8 would need ~300 GB instead of failing after an hour. The recipes use 20k.
+MAX_PROBLEMS = 1_000_000
 
 _TRUTH = pa.struct([("target", pa.int64()), ("numbers", pa.list_(pa.int64()))])
 COUNTDOWN_SCHEMA = pa.schema(
@@ -153,6 +156,10 @@ def generate_countdown(
             f"countdown: asked for {train_size + test_size} distinct problems, but at most {available} exist with "
             f"{min_numbers}-{max_numbers} numbers and targets <= {max_target}; ask for fewer or widen the ranges"
         )
+    if train_size + test_size > MAX_PROBLEMS:
+        raise DataError(f"countdown: asked for {train_size} train + {test_size} test problems, more than the "
+                        f"{MAX_PROBLEMS} one set can have (all are held in memory, about 3 GB per million); "
+                        "ask for fewer")
     seen: set = set()
     with tqdm(total=train_size + test_size, desc="countdown", unit="problem", disable=None) as bar:
         # String seeds are hashed with SHA-512 by `random`, so the streams are the same on every run.
