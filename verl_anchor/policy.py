@@ -253,4 +253,4 @@ def ensure_policy(cache_dir: str | os.PathLike | None = None, recipe: PolicyReci
     """
     from verl_anchor.tiny import build_once
 
-    return build_once(policy_dir(cache_dir, recipe), "policy.json", lambda tmp: train_policy(tmp, recipe, progress))
+    return build_once(policy_dir(cache_dir, recipe), lambda tmp: train_policy(tmp, recipe, progress))
