@@ -37,11 +37,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("verl_anchor.launch", "run a recipe of the paper with verl (prepares missing data first)"),
     "compare": ("verl_anchor.compare",
                 "estimators x seeds through verl on CPU from the trained Countdown policy: held-out accuracy table and plot"),
+    "policy": ("verl_anchor.policy", "the shipped Countdown policy: its accuracy, measured again, or trained anew"),
 }
 
 
 # Commands that load a model with transformers (whose progress bars and notices are dropped).
-_MODEL_COMMANDS = {"analyze", "coupling", "perturb", "demo", "compare"}
+_MODEL_COMMANDS = {"analyze", "coupling", "perturb", "demo", "compare", "policy"}
 # Warnings the imported libraries raise that say nothing about the user's input.
 _LIBRARIES = r"(verl|ray|torch|transformers|datasets|huggingface_hub|hydra|omegaconf|pyarrow|tensordict|pydantic)(\.|$)"
 

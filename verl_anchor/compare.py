@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -38,6 +40,7 @@ class CompareError(UsageError):
 
 DEFAULT_ESTIMATORS = ("grpo", "anchor_coupled", "anchor_random")
 Z_ALPHA, Z_POWER = 1.959964, 0.841621  # two-sided 5% test, 80% power
+ACCURACY_KEYS = ("greedy", "mean_at_k", "train_mean_at_16")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if args.heldout > DEFAULT_RECIPE.heldout_problems:
         raise UsageError(f"--heldout {args.heldout} is more than the policy's {DEFAULT_RECIPE.heldout_problems} "
                          "held-out problems")
-    # What decides a run's checkpoints, and what decides an evaluation: each cache is keyed by its own part.
+    # What decides a run's checkpoints, and what decides an evaluation: each cache is keyed by its own part
+    # (the starting policy by its weights' digest, added once the policy is there).
     training = {"steps": args.steps, "eval_every": args.eval_every, "train_problems": args.train_problems,
-                "policy": policy_dir().name, "run": POLICY_RUN, "overrides": [*POLICY_OVERRIDES, *args.overrides]}
+                "run": POLICY_RUN, "overrides": [*POLICY_OVERRIDES, *args.overrides]}
     runs = [(e, s) for s in args.seeds for e in args.estimators]  # seed-major: partial results stay balanced
     for estimator, seed in runs:  # each run's main_ppo config, before the policy is built or evaluated
         check_main_ppo(run_overrides(args.out.resolve() / "runs" / f"{estimator}-s{seed}", estimator, seed,
@@ -79,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     out = make_dir(args.out.resolve())
     policy = ensure_policy()
+    training["policy"] = weights_digest(policy)
     protocol = {"heldout": args.heldout, "samples": args.samples, "train_problems": args.train_problems}
     start = time.time()
     baseline = _evaluate_cached(out / "step0.json", policy, protocol)
@@ -99,13 +104,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def weights_digest(model_dir: Path) -> str:
+    """The identity of the HF model in `model_dir`: a sha256 over its safetensors files' names and sha256s."""
+    from verl_anchor.tiny import sha256_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CompareError(f"{model_dir} has no *.safetensors weights")
+    return hashlib.sha256("".join(f"{p.name} {sha256_file(p)}\n" for p in files).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> object:
+    """The JSON in `path`; None when it is missing, unreadable or not JSON (a cache cut short is recomputed)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _evaluate_cached(path: Path, model_dir: Path, protocol: dict) -> dict:
     """Greedy and mean@k accuracy of the HF model in `model_dir` on the held-out problems, and mean@16 on the
-    RL prompts (cached in `path`)."""
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("protocol") == protocol:
-            return cached["accuracy"]
+    RL prompts (cached in `path` by the protocol and the model's `weights_digest`)."""
+    weights = weights_digest(model_dir)
+    cached = _read_json(path)
+    if (isinstance(cached, dict) and cached.get("protocol") == protocol and cached.get("weights") == weights
+            and isinstance(cached.get("accuracy"), dict) and set(cached["accuracy"]) == set(ACCURACY_KEYS)):
+        return cached["accuracy"]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,7 +143,9 @@ def _evaluate_cached(path: Path, model_dir: Path, protocol: dict) -> dict:
                 "mean_at_k": evaluate(model, tokenizer, heldout, temperature=1.0, samples=protocol["samples"],
                                       seed=1234),
                 "train_mean_at_16": evaluate(model, tokenizer, splits.rl, temperature=1.0, samples=16, seed=1234)}
-    path.write_text(json.dumps({"protocol": protocol, "accuracy": accuracy}) + "\n")
+    partial = path.with_name(f".{path.name}.partial")  # renamed into place: a killed write leaves no cut-short cache
+    partial.write_text(json.dumps({"protocol": protocol, "weights": weights, "accuracy": accuracy}) + "\n")
+    os.replace(partial, path)
     return accuracy
 
 
@@ -129,7 +155,7 @@ def _run_one(run_dir: Path, estimator: str, seed: int, policy: Path, training: d
     from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
 
     trained = run_dir / "training.json"
-    if trained.is_file() and json.loads(trained.read_text()) == training:
+    if _read_json(trained) == training:
         console.print("  trained already; checkpoints in " + str(run_dir / "checkpoints"))
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -175,7 +201,7 @@ def run_overrides(run_dir: Path, estimator: str, seed: int, policy: Path, traini
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["estimator", "seed", "step", "greedy", "mean_at_k", "train_mean_at_16"])
+        writer = csv.DictWriter(f, fieldnames=["estimator", "seed", "step", *ACCURACY_KEYS])
         writer.writeheader()
         writer.writerows(rows)
 
@@ -201,13 +227,16 @@ def summary_table(rows: list[dict], estimators: list[str], samples: int) -> str:
     for metric, label in _metrics(samples):
         per = {e: [r[metric] for r in rows if r["estimator"] == e and r["step"] == final] for e in estimators}
         stats = {e: mean_and_se(v) for e, v in per.items()}
-        lines.append(f"| {label} | " + " | ".join(f"{100 * m:.1f} +- {100 * se:.1f}" for m, se in stats.values()) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{100 * m:.1f} +- {100 * se:.1f}" if not math.isnan(se) else
+                                                   f"{100 * m:.1f} (SE n/a, 1 seed)" for m, se in stats.values()) + " |")
         base_mean, base_se = stats[estimators[0]]
         cells = ["-"]
         for e in estimators[1:]:
             mean, se = stats[e]
             diff_se = math.sqrt(se**2 + base_se**2)
-            cells.append(f"{100 * (mean - base_mean):+.1f} (SE {100 * diff_se:.1f}, MDE {100 * (Z_ALPHA + Z_POWER) * diff_se:.1f})")
+            spread = "SE n/a, 1 seed" if math.isnan(diff_se) else \
+                f"SE {100 * diff_se:.1f}, MDE {100 * (Z_ALPHA + Z_POWER) * diff_se:.1f}"
+            cells.append(f"{100 * (mean - base_mean):+.1f} ({spread})")
         lines.append(f"| {label}: difference to {estimators[0]} | " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in rows})
     start = [r for r in rows if r["step"] == 0][:1]

@@ -1,8 +1,11 @@
 """A small Countdown policy that can already do a little, built on CPU with no download.
 
 The demo, `verl-anchor compare` and the analysis demos need a policy whose rewards vary: a random
-model earns 0 on Countdown, so every GRPO advantage is 0 and nothing learns. `ensure_policy` builds
-one on first use by supervised fine-tuning (SFT) and caches it, keyed by a digest of its recipe:
+model earns 0 on Countdown, so every GRPO advantage is 0 and nothing learns. The policy is trained by
+supervised fine-tuning (SFT); the default recipe's is shipped in the package (`SHIPPED_POLICY`, the same
+weights on every machine: training is deterministic on one machine, not across machines), and
+`ensure_policy` returns it, training only another recipe (cached by the recipe's digest).
+`verl-anchor policy --train --out DIR` reruns the training that produced the shipped weights.
 
 * **Task.** Countdown with 3 numbers in 1..20 and targets up to 99 (every number and target one
   token of the tiny tokenizer), the short prompt (`data.countdown.countdown_prompt(style="short")`,
@@ -20,12 +23,13 @@ one on first use by supervised fine-tuning (SFT) and caches it, keyed by a diges
   accelerate/datasets machinery to configure, and bit-for-bit deterministic for a seed on a given
   machine (fixed batch order from a seeded generator, fixed thread count). Progress is a tqdm bar.
 
-The policy's held-out accuracy (greedy and sampled at temperature 1.0, `evaluate`) is written
-beside the weights in `policy.json`.
+The policy's held-out accuracy (greedy and sampled at temperature 1.0, `heldout_accuracy`) is written
+beside the weights in `policy.json` (`verl-anchor policy --evaluate` measures it again).
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import hashlib
@@ -41,10 +45,15 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from verl_anchor.data.countdown import CountdownProblem, countdown_prompt, generate_countdown
 from verl_anchor.rewards.countdown import score_countdown
+from verl_anchor.usage import UsageError, out_dir
 
 # Bump when anything the recipe does not capture changes (the worked-solution format, the loop).
 _POLICY_VERSION = 1
 MAX_NEW_TOKENS = 48  # the demo's max_response_length; a worked solution is ~31 tokens
+# The default recipe's policy, trained once and shipped in the package: training is deterministic on one
+# machine but not across machines (11.7% vs 23.0% sampled held-out accuracy on two of them).
+SHIPPED_POLICY = Path(__file__).resolve().parent / "assets" / "countdown-policy"
+RETRAIN_COMMAND = f"verl-anchor policy --train --out DIR, then replace {SHIPPED_POLICY} with DIR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +195,7 @@ def train_policy(out_dir: str | os.PathLike, recipe: PolicyRecipe = DEFAULT_RECI
             model.eval()
             model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-            accuracy = {
-                "greedy": evaluate(model, tokenizer, splits.heldout, temperature=0.0),
-                "sampled_t1": evaluate(model, tokenizer, splits.heldout, temperature=1.0, seed=recipe.seed),
-            }
+            accuracy = heldout_accuracy(model, tokenizer, recipe)
     finally:
         torch.set_num_threads(threads)
     info = {"recipe": dataclasses.asdict(recipe), "digest": recipe.digest(), "final_loss_ema": loss_ema,
@@ -199,6 +205,14 @@ def train_policy(out_dir: str | os.PathLike, recipe: PolicyRecipe = DEFAULT_RECI
     tokenizer.save_pretrained(str(out_dir))
     Path(out_dir, "policy.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def heldout_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     recipe: PolicyRecipe = DEFAULT_RECIPE) -> dict[str, float]:
+    """The accuracy `policy.json` records: the recipe's held-out problems, greedy and sampled at T = 1.0."""
+    heldout = policy_splits(recipe).heldout
+    return {"greedy": evaluate(model, tokenizer, heldout, temperature=0.0),
+            "sampled_t1": evaluate(model, tokenizer, heldout, temperature=1.0, seed=recipe.seed)}
 
 
 @torch.no_grad()
@@ -238,19 +252,91 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "verl_anchor"
 
 
+class PolicyError(UsageError):
+    """The shipped policy is damaged or no longer matches `DEFAULT_RECIPE`: one `error:` line saying what to do."""
+
+
 def policy_dir(cache_dir: str | os.PathLike | None = None, recipe: PolicyRecipe = DEFAULT_RECIPE) -> Path:
-    """Where `ensure_policy` keeps the policy of `recipe` (it is built when `policy.json` is there)."""
+    """Where `ensure_policy` finds the policy of `recipe`: `SHIPPED_POLICY` for `DEFAULT_RECIPE`, else
+    `countdown-policy-<digest>` in `cache_dir` (default `default_cache_dir()`)."""
+    if recipe == DEFAULT_RECIPE:
+        return SHIPPED_POLICY
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return cache / f"countdown-policy-{recipe.digest()}"
 
 
+def shipped_policy() -> Path:
+    """`SHIPPED_POLICY`, verified: every file matches its sha256 in `SHA256SUMS` and `policy.json` was trained
+    with `DEFAULT_RECIPE` (its digest); `PolicyError` otherwise."""
+    from verl_anchor.tiny import asset_problem
+
+    problem = asset_problem(SHIPPED_POLICY)
+    if problem is None:
+        digest = json.loads((SHIPPED_POLICY / "policy.json").read_text()).get("digest")
+        if digest != DEFAULT_RECIPE.digest():
+            problem = f"it was trained with recipe digest {digest}, DEFAULT_RECIPE is {DEFAULT_RECIPE.digest()}"
+    if problem is not None:
+        raise PolicyError(f"the shipped policy {SHIPPED_POLICY} cannot be used: {problem}; reinstall verl-anchor, "
+                          f"or (after changing the recipe) retrain it: {RETRAIN_COMMAND}")
+    return SHIPPED_POLICY
+
+
 def ensure_policy(cache_dir: str | os.PathLike | None = None, recipe: PolicyRecipe = DEFAULT_RECIPE,
                   progress: bool = True) -> Path:
-    """The trained policy's directory, training it on first use (about 3 minutes on 2 cores).
+    """The trained policy's directory: the shipped one for `DEFAULT_RECIPE` (`shipped_policy`), the same on
+    every machine; any other recipe is trained on first use (about 3 minutes on 2 cores).
 
-    Cached under `cache_dir` (default `default_cache_dir()`) by the recipe's digest, so a changed recipe
-    builds anew; built atomically (`tiny.build_once`).
+    Trained policies are cached under `cache_dir` (default `default_cache_dir()`) by the recipe's digest and
+    built with `tiny.build_once`: atomically, checked against their `SHA256SUMS` on every use, rebuilt
+    when incomplete; `tiny.CacheError` when the cache directory cannot be used.
     """
     from verl_anchor.tiny import build_once
 
-    return build_once(policy_dir(cache_dir, recipe), "policy.json", lambda tmp: train_policy(tmp, recipe, progress))
+    if recipe == DEFAULT_RECIPE:
+        return shipped_policy()
+    return build_once(policy_dir(cache_dir, recipe), lambda tmp: train_policy(tmp, recipe, progress))
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--evaluate", action="store_true",
+                        help="measure the shipped policy's held-out accuracy again (about a minute on 2 cores)")
+    parser.add_argument("--train", action="store_true",
+                        help="train the default recipe into --out (about 3 minutes on 2 cores): the command that "
+                             "produced the shipped policy")
+    parser.add_argument("--out", type=out_dir, help="a new or empty directory for --train")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`verl-anchor policy`: the shipped policy's path and recorded accuracy; `--evaluate` measures it again;
+    `--train --out DIR` trains the default recipe into DIR."""
+    from verl_anchor.tiny import build_once
+
+    if args.train != (args.out is not None):
+        raise UsageError("--train and --out go together: verl-anchor policy --train --out DIR")
+    if args.train and args.evaluate:
+        raise UsageError("--evaluate measures the shipped policy; --train evaluates what it trains: give one")
+    if args.train:
+        out = args.out.resolve()
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(f"--out {args.out} is not empty: give a new or empty directory")
+        if out.is_dir():
+            out.rmdir()  # build_once renames the finished policy into place
+        info = json.loads((build_once(out, lambda tmp: train_policy(tmp, DEFAULT_RECIPE)) / "policy.json").read_text())
+        print(f"trained {out}: {_accuracy_line(info['heldout_accuracy'])}; ship it by replacing {SHIPPED_POLICY} "
+              "with it")
+        return 0
+    path = shipped_policy()
+    info = json.loads((path / "policy.json").read_text())
+    print(f"shipped policy {path} (recipe digest {info['digest']}, {info['parameters'] / 1e6:.2f}M parameters)")
+    print(f"recorded: {_accuracy_line(info['heldout_accuracy'])}")
+    if args.evaluate:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        print(f"measured: {_accuracy_line(heldout_accuracy(model, AutoTokenizer.from_pretrained(str(path))))}")
+    return 0
+
+
+def _accuracy_line(accuracy: dict[str, float]) -> str:
+    return (f"held-out accuracy {accuracy['sampled_t1']:.1%} sampled at temperature 1, {accuracy['greedy']:.1%} "
+            f"greedy ({DEFAULT_RECIPE.heldout_problems} problems)")

@@ -8,11 +8,17 @@ small embedded corpus (arithmetic, GSM8K/MATH instructions, answer tags) and car
 Qwen-style (ChatML) chat template, so verl's `RLHFDataset` and agent loop treat it like a
 Qwen tokenizer. The models are random and tiny (~140k parameters) so a whole verl GRPO run
 fits on a 2-core CPU; they are for tests and smoke runs, not for learning anything.
+
+`build_once` builds a cached asset (these, and the trained policies of `verl_anchor.policy`) once,
+atomically, with a `SHA256SUMS` that later uses check, so a cut-short or unfinished asset is rebuilt.
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
+import logging
 import os
 import random
 import shutil
@@ -34,6 +40,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from verl_anchor.usage import UsageError
+
 __all__ = [
     "EOS_ID",
     "EOS_TOKEN",
@@ -41,13 +49,20 @@ __all__ = [
     "PAD_ID",
     "PAD_TOKEN",
     "VOCAB_SIZE",
+    "CHECKSUMS",
+    "CacheError",
+    "asset_problem",
     "build_model",
     "build_once",
     "build_tokenizer",
     "ensure_tiny_model",
+    "sha256_file",
     "tiny_arch_config",
     "tiny_config",
+    "write_checksums",
 ]
+
+logger = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -236,26 +251,84 @@ def build_model(
 def ensure_tiny_model(cache_dir: str | os.PathLike, arch: str = "qwen3", seed: int = 0) -> Path:
     """Return the directory of the tiny model in `cache_dir`, building it on first use (see `build_once`)."""
     final = Path(cache_dir) / f"tiny-{arch}-s{seed}-v{_ASSET_VERSION}"
-    return build_once(final, "config.json", lambda tmp: build_model(tmp, arch=arch, seed=seed))
+    return build_once(final, lambda tmp: build_model(tmp, arch=arch, seed=seed))
 
 
-def build_once(final: Path, marker: str, build: Callable[[Path], Any]) -> Path:
-    """`final`, built by `build(directory)` unless `final / marker` exists already.
+class CacheError(UsageError):
+    """The asset cache cannot be used (a file in the way, no permission, a full disk): one `error:` line."""
 
-    Safe against concurrent callers: the asset is built in a temporary sibling directory and renamed
-    into place, so a reader never sees a half-written one, and of two concurrent builders one wins.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if (final / marker).is_file():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+
+CHECKSUMS = "SHA256SUMS"  # in every built asset, the format of `sha256sum`, so `sha256sum -c SHA256SUMS` checks it
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """Record the sha256 of every file under `directory` in `directory / CHECKSUMS` (written last)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n" for p in files]
+    (directory / CHECKSUMS).write_text("".join(lines))
+
+
+def asset_problem(directory: Path) -> str | None:
+    """What is wrong with the built asset `directory` (missing, unfinished, a file changed or cut short);
+    None when every file its `CHECKSUMS` lists is there with the recorded sha256."""
     try:
-        build(tmp)
+        lines = (directory / CHECKSUMS).read_text().splitlines()
+    except OSError:
+        return f"it has no {CHECKSUMS} (not built, or its build did not finish)" if directory.exists() else \
+            "it does not exist"
+    for line in lines:
+        recorded, _, name = line.partition("  ")
         try:
-            os.rename(tmp, final)
+            actual = sha256_file(directory / name)
         except OSError:
-            if not (final / marker).is_file():  # not a lost race: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            return f"{name} is missing"
+        if actual != recorded:
+            return f"{name} does not match its sha256 in {CHECKSUMS} (changed or cut short)"
+    return None if lines else f"its {CHECKSUMS} is empty"
+
+
+def build_once(final: Path, build: Callable[[Path], Any]) -> Path:
+    """`final`, built by `build(directory)` unless it is there and complete (`asset_problem`).
+
+    The asset is built in a temporary sibling `.<name>-*` and renamed into place with its `CHECKSUMS`, so a
+    reader never sees a half-written one. Builders of one asset take turns on a lock file (`.<name>.lock`,
+    released by the OS when a builder dies): a second one waits and then uses the first one's result, and
+    the builder holding the lock removes the temporary directories of killed builds and an incomplete
+    `final` before building anew. `CacheError` when the cache directory cannot be used.
+    """
+    if asset_problem(final) is None:
+        return final
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with open(final.parent / f".{final.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            problem = asset_problem(final)
+            if problem is None:  # built by the builder we waited for
+                return final
+            for stale in final.parent.glob(f".{final.name}-*"):  # no live builder: we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.is_dir() and not final.is_symlink():
+                logger.warning("rebuilding %s: %s", final, problem)
+                shutil.rmtree(final)
+            elif final.exists() or final.is_symlink():
+                final.unlink()
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+            try:
+                build(tmp)
+                write_checksums(tmp)
+                os.rename(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        raise CacheError(f"cannot build {final.name} in the cache {final.parent}: {err.strerror or err}"
+                         f"{f' ({err.filename})' if err.filename else ''}; use a writable directory "
+                         "(VERL_ANCHOR_CACHE sets the default cache)") from err
     return final
