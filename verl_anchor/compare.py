@@ -54,6 +54,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from verl_anchor.cpu.launch import hold_output_dir
     from verl_anchor.demo import POLICY_OVERRIDES, POLICY_RUN, check_estimator
     from verl_anchor.policy import DEFAULT_RECIPE, ensure_policy
 
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                          "held-out problems")
     console = Console()
     out = make_dir(args.out.resolve())
+    hold_output_dir(out)  # before a run dir is cleared: a killed comparison's run may still write in it
     policy = ensure_policy()
     # What decides a run's checkpoints, and what decides an evaluation: each cache is keyed by its own part.
     training = {"steps": args.steps, "eval_every": args.eval_every, "train_problems": args.train_problems,

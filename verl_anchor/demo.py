@@ -153,12 +153,13 @@ def step_accuracy(rollouts: Path, step: int) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
+    from verl_anchor.cpu.launch import hold_output_dir, parse_step_metrics, run_main_ppo
     from verl_anchor.policy import default_cache_dir, ensure_policy, policy_dir
 
     check_estimator(args.estimator)
     console = Console()
     out = make_dir(args.out.resolve())
+    hold_output_dir(out)  # before anything is built there: an earlier demo's run may still write in it
     if not (policy_dir() / "policy.json").is_file():
         console.print("training the small Countdown policy (first run only, about 3 minutes on 2 cores; cached in "
                       f"{default_cache_dir()})")
