@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from verl_anchor.cli import main
+from verl_anchor.cpu.launch import LOCK_FILE, hold_output_dir
 from verl_anchor.demo import demo_overrides
 from verl_anchor.tiny import ensure_tiny_model
 
@@ -130,6 +132,35 @@ def test_a_stopped_or_killed_launcher_leaves_no_process_of_its_run(tmp_path: Pat
     pids = [int(pid) for pid in text.split()]  # the driver and the child that left its session
     assert all(map(alive, pids))
     stop_and_check(launcher, signum, pids)
+
+
+def test_a_dir_that_a_live_run_holds_is_refused_until_the_run_is_gone(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """demo and compare refuse an --out dir whose lock a command's verl run still holds (one error line naming
+    the dir and the pid), and take it once the run is gone."""
+    workdir = tmp_path / "run"
+    locking = _LAUNCHER.replace("workdir = Path(sys.argv[1])\n", "workdir = Path(sys.argv[1])\n"
+                                "from verl_anchor.cpu.launch import hold_output_dir\nhold_output_dir(workdir)\n")
+    assert locking != _LAUNCHER
+    workdir.mkdir()
+    env = fake_verl_env(tmp_path)
+    launcher = subprocess.Popen([sys.executable, "-c", locking, str(workdir)], cwd=workdir, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text = wait_for(lambda: (workdir / "pids.txt").is_file() and (workdir / "pids.txt").read_text(), 120,
+                        "stand-in run", launcher)
+        driver = int(text.split()[0])
+        lock = str(workdir / LOCK_FILE)
+        assert any(os.readlink(fd.path) == lock for fd in os.scandir(f"/proc/{driver}/fd"))  # the run inherits it
+        for command in ("demo", "compare"):
+            assert main([command, "--out", str(workdir)]) == 2
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: {workdir} is in use by process "), lines
+            assert str(launcher.pid) in lines[0]
+        stop_and_check(launcher, signal.SIGTERM, [int(pid) for pid in text.split()])
+    finally:
+        launcher.kill()
+    hold_output_dir(workdir)  # gone with the run: the next command takes it
 
 
 @pytest.mark.slow
