@@ -7,11 +7,12 @@ process in a session of its own (as a daemon would), the slow ones real verl wit
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
-import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from verl_anchor.cli import main
 from verl_anchor.cpu.launch import LOCK_FILE, hold_output_dir
 from verl_anchor.demo import demo_overrides
+from verl_anchor.rewards.math_verify_pool import MathVerifier
 from verl_anchor.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +163,70 @@ def test_a_dir_that_a_live_run_holds_is_refused_until_the_run_is_gone(tmp_path: 
     finally:
         launcher.kill()
     hold_output_dir(workdir)  # gone with the run: the next command takes it
+
+
+_POOL_PARENT = """
+import sys, threading, time
+from verl_anchor.rewards.math_verify_pool import MathVerifier
+if __name__ == "__main__":
+    verifier = MathVerifier(1)
+    threading.Thread(target=verifier.verify, args=("1", "9^{9^{9}}", 600), daemon=True).start()
+    time.sleep(600)
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def children(pid: int) -> list[int]:
+    """`pid`'s child processes (whichever of its threads forked them)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and int(Path(f"/proc/{name}/stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_math_verify_worker_busy_in_c_code_dies_with_its_parent(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"  # a file: spawn re-imports the parent's main module
+    script.write_text(_POOL_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    workers: list[int] = []
+    try:
+        def busy_worker() -> list[int]:
+            # pebble's worker (the spawn resource tracker is the other child) deep in 9^{9^{9}}: seconds of CPU
+            return [pid for pid in children(parent.pid) if alive(pid) and cpu_seconds(pid) > 5]
+
+        workers = wait_for(busy_worker, 120, "busy math-verify worker", parent)
+        parent.kill()
+        parent.wait()
+        wait_for(lambda: not any(map(alive, workers)), 10, "end of the orphaned worker")
+    finally:
+        parent.kill()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_math_verify_workers_outlive_the_thread_that_started_their_pool() -> None:
+    verifier = MathVerifier(1)
+    try:
+        results = []
+        first = threading.Thread(target=lambda: results.append(verifier.verify("1/2", "0.5", 60)))
+        first.start()
+        first.join()
+        workers = multiprocessing.active_children()
+        time.sleep(1)  # a worker killed with that thread would be gone by now
+        assert results == [True] and workers and all(worker.is_alive() for worker in workers)
+        assert verifier.verify("2", "2", 60)
+        assert set(multiprocessing.active_children()) >= set(workers)  # the same workers did it
+    finally:
+        verifier.close()
 
 
 @pytest.mark.slow
