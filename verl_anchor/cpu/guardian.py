@@ -69,7 +69,9 @@ def kill_run(run_id: str) -> list[int]:
 
 def main(argv: list[str]) -> int:
     run_id, ray_tmp = argv
-    for signum in (signal.SIGINT, signal.SIGHUP):  # a closing terminal must not leave the run alive
+    # It ends by itself once the run is gone; a closing terminal, or a `kill` of every pid a refusal named,
+    # must not end it first.
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     while sys.stdin.buffer.read(1 << 16):  # nothing is ever written: wait for EOF
         pass

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def run_main_ppo(
                     watchdog.cancel()
         finally:
             guardian.stdin.close()  # EOF: the guardian kills whatever of the run is left
-            guardian.wait()
+            if guardian.wait() < 0:  # a signal (SIGKILL: it ignores the others) ended it: do its job here
+                guardian_module.kill_run(run_id)
+                shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 class RunInterrupted(SystemExit):
@@ -135,7 +138,9 @@ def hold_output_dir(path: Path) -> None:
     except BlockingIOError:
         recorded = os.read(fd, 64).decode(errors="replace").strip()
         os.close(fd)
-        holders = ", ".join(map(str, _lock_holders(lock_file))) or recorded
+        holders = [str(pid) for pid in _lock_holders(lock_file)]
+        # The command that took it, while it lives (stopping it stops its run); else what is left of its run.
+        holders = ", ".join([recorded] if recorded in holders or not holders else holders)
         raise OutputDirBusy(f"{path} is in use by process {holders} (a verl-anchor command, or the verl run it "
                             f"started, still writes there): wait for it to end, or stop it (kill {holders}), "
                             "then run again") from None
