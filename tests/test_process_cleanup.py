@@ -1,8 +1,9 @@
-"""Nothing of a verl run is left after its launcher is stopped or killed, and a live run's directory is refused.
+"""Nothing of a verl run, nor a math-verify worker, outlives what started it; a live run's directory is refused.
 
 Real subprocesses throughout: a launcher process runs `run_main_ppo` and is sent a signal (or SIGKILL); the
 test then looks in /proc for any process of that run. The quick tests run a stand-in `main_ppo` that starts a
-process in a session of its own (as a daemon would), the slow ones real verl with Ray.
+process in a session of its own (as a daemon would), the slow one real verl with Ray. The math-verify tests
+SIGKILL a process whose pool worker is deep in `9^{9^{9}}`.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def test_a_dir_that_a_live_run_holds_is_refused_until_the_run_is_gone(tmp_path: 
 
 
 _POOL_PARENT = """
-import sys, threading, time
+import threading, time
 from verl_anchor.rewards.math_verify_pool import MathVerifier
 if __name__ == "__main__":
     verifier = MathVerifier(1)
