@@ -58,6 +58,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from verl_anchor.cpu.launch import hold_output_dir
     from verl_anchor.demo import POLICY_OVERRIDES, POLICY_RUN, check_estimator
     from verl_anchor.launch import check_main_ppo
     from verl_anchor.policy import DEFAULT_RECIPE, ensure_policy, policy_dir
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
                                      policy_dir(), training, build=False))
     console = Console()
     out = make_dir(args.out.resolve())
+    hold_output_dir(out)  # before a run dir is cleared: a killed comparison's run may still write in it
     policy = ensure_policy()
     training["policy"] = weights_digest(policy)
     protocol = {"heldout": args.heldout, "samples": args.samples, "train_problems": args.train_problems}

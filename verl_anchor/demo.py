@@ -1,7 +1,7 @@
 """`verl-anchor demo`: a few GRPO steps with `anchor_coupled` through real verl, on CPU, offline.
 
-Trains (first run only, cached) a small Qwen3-architecture Countdown policy that already solves a
-few problems (`verl_anchor.policy`), writes its RL prompts and held-out problems as verl parquet,
+Takes the small Qwen3-architecture Countdown policy the package ships, which already solves a few
+problems (`verl_anchor.policy`), writes its RL prompts and held-out problems as verl parquet,
 runs `python -m verl.trainer.main_ppo` in CPU mode with the anchor trainer, shows each step's
 reward, accuracy and anchor metrics as it finishes, and says where everything went. verl's own
 output (warnings included) goes to the log file, not the console.
@@ -164,9 +164,9 @@ def step_accuracy(rollouts: Path, step: int) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
+    from verl_anchor.cpu.launch import hold_output_dir, parse_step_metrics, run_main_ppo
     from verl_anchor.launch import check_main_ppo
-    from verl_anchor.policy import default_cache_dir, ensure_policy, policy_dir
+    from verl_anchor.policy import ensure_policy
 
     check_estimator(args.estimator)
     out, user_overrides = args.out.resolve(), [*POLICY_OVERRIDES, *args.overrides]
@@ -174,10 +174,8 @@ def run(args: argparse.Namespace) -> int:
     check_main_ppo(demo_overrides(out, args.steps, args.estimator, user_overrides, build=False, **POLICY_RUN))
     console = Console()
     make_dir(out)
-    if not (policy_dir() / "policy.json").is_file():
-        console.print("training the small Countdown policy (first run only, about 3 minutes on 2 cores; cached in "
-                      f"{default_cache_dir()})")
-    policy = ensure_policy()
+    hold_output_dir(out)  # before anything is built there: an earlier demo's run may still write in it
+    policy = ensure_policy()  # the shipped policy (verl_anchor/assets), checked against its checksums
     info = json.loads((policy / "policy.json").read_text())
     accuracy = info["heldout_accuracy"]
     console.print(f"policy: {policy} ({info['parameters'] / 1e6:.1f}M parameters); held-out accuracy "

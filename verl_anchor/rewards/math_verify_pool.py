@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import ctypes
 import importlib
 import logging
 import math
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -80,7 +83,22 @@ def require_math_verify() -> None:
         ) from exc
 
 
-def _init_worker() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when the thread that started it ends (its process's death included,
+    SIGKILL too): a worker inside one C-level operation holds the GIL, so nothing of its own could notice."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # the parent died before that: nothing would kill this orphan later
+        os._exit(1)
+
+
+def _init_worker(parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     # pebble stops a worker with SIGTERM and its handler only runs between bytecodes, so a
     # worker inside one C-level big-integer operation would get 3 s more before SIGKILL: die at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -126,13 +144,18 @@ class MathVerifier:
         self._context = context if context is not None else multiprocessing.get_context("spawn")
         # One task per worker in flight, so a scheduled task never queues behind another.
         self._slots = threading.BoundedSemaphore(workers)
+        # A worker dies with the *thread* that forked it (`_die_with_parent`). pebble forks replacements on its
+        # pool's own thread, but a pool's first workers on the thread of its first `schedule`: schedule on this
+        # executor's one thread, which lives as long as the verifier, never on a caller's (which may end).
+        self._scheduler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="math-verify-schedule")
         self._lock = threading.Lock()
         self._generation: _Generation | None = None
 
     def _current(self) -> _Generation:
         with self._lock:
             if self._generation is None:
-                pool = ProcessPool(self._workers, initializer=_init_worker, context=self._context)
+                pool = ProcessPool(self._workers, initializer=_init_worker, initargs=(os.getpid(),),
+                                   context=self._context)
                 self._generation = _Generation(pool)
             return self._generation
 
@@ -176,10 +199,10 @@ class MathVerifier:
                 f"math-verify worker pool failed {ATTEMPTS} times in a row; last error: {failure!r}"
             ) from failure
 
-    @staticmethod
-    def _attempt(generation: _Generation, gold: str, pred: str, timeout_s: float) -> bool:
+    def _attempt(self, generation: _Generation, gold: str, pred: str, timeout_s: float) -> bool:
         """One try on ``generation``'s pool; `_Replaced` when another thread discards it meanwhile."""
-        future = generation.pool.schedule(verify_answers, (gold, pred), timeout=timeout_s)
+        future = self._scheduler.submit(generation.pool.schedule, verify_answers, (gold, pred),
+                                        timeout=timeout_s).result()
         done, _ = concurrent.futures.wait([future, generation.discarded], timeout=timeout_s + START_GRACE_S,
                                           return_when=concurrent.futures.FIRST_COMPLETED)
         if future not in done:
