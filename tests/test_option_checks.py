@@ -99,14 +99,8 @@ def test_compare_checks_every_run_with_its_own_overrides(tmp_path: Path, monkeyp
 
 
 def test_demo_subprocess_refuses_an_unknown_key_with_one_line(tmp_path: Path) -> None:
-    """A built policy in the cache, so that a run that does not check first fails fast in verl (exit 1)."""
-    from verl_anchor.policy import policy_dir
-
-    policy = policy_dir(tmp_path / "cache")
-    policy.mkdir(parents=True)
-    (policy / "policy.json").write_text(json.dumps({"parameters": 1e6, "heldout_accuracy": {"greedy": 0.2,
-                                                                                            "sampled_t1": 0.1}}))
-    env = {**os.environ, "VERL_ANCHOR_CACHE": str(tmp_path / "cache")}
+    """The policy is shipped, so a demo that does not check first starts verl and fails there (exit 1)."""
+    env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "verl_anchor.cli", "demo", "--out", str(out), "nonsense.key=1"],
