@@ -195,7 +195,7 @@ def test_triton_backend_calls_the_kernels_once_per_layer(monkeypatch):
     triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
     calls = []
 
-    def fake_kernels(q, k, tiles, window, lo, hi, scale):
+    def fake_kernels(q, k, tiles, window, lo, hi, scale, tile, inner):
         calls.append((tiles.shape, window, lo, hi, scale))
         return tuple(torch.zeros(q.shape[0], q.shape[1]) for _ in range(3))
 
@@ -204,7 +204,86 @@ def test_triton_backend_calls_the_kernels_once_per_layer(monkeypatch):
     monkeypatch.setattr(stats_engine, "token_stats", lambda *a, **kw: pytest.fail("torch path used"))
     q, k, cu = packed_inputs([4, 6])
     packed_token_stats(q, k, cu, AnchorConfig(), scale=0.5)
-    assert calls == [((math.ceil(10 / triton_stats.TILE) + 2, 3), 10, 10, 100, 0.5)]
+    tile, _ = triton_stats.block_sizes(torch.float32)
+    assert calls == [((math.ceil(10 / tile) + 2, 3), 10, 10, 100, 0.5)]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The Triton backend selected (as on CUDA) with its launcher replaced by a recorder: what it would be given."""
+    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    calls = []
+
+    def recorder(q, k, tiles, window, lo, hi, scale, tile, inner):
+        calls.append(dict(q=q, k=k, tiles=tiles, tile=tile, inner=inner))
+        return tuple(torch.zeros(q.shape[0], q.shape[1]) for _ in range(3))
+
+    monkeypatch.setattr(stats_engine, "select_backend", lambda q: "triton")
+    monkeypatch.setattr(triton_stats, "packed_stats", recorder)
+    return calls
+
+
+@pytest.mark.parametrize("bounds", [[0, 4, 12], [1, 4, 10], [0, 4, 9], [0, 6, 4, 10], [0, 4, 10, 10, 11]],
+                         ids=["past T", "not from 0", "short of T", "not monotone", "past T at the end"])
+def test_bad_boundaries_are_refused_before_any_launch(kernel_calls, bounds):
+    """The kernels trust their tiles: boundaries past T read and write out of bounds, others leave tokens
+    unwritten (`torch.empty`). Both backends share the one check."""
+    q, k, _ = packed_inputs([4, 6])
+    for sequences in (torch.tensor(bounds), PackedSequences(torch.tensor(bounds), 10)):
+        with pytest.raises(ValueError, match=rf"cu_seqlens must rise from 0 to T = 10, got \[{bounds[0]}, "):
+            packed_token_stats(q, k, sequences, AnchorConfig())
+    assert kernel_calls == []
+
+
+def test_head_slice_crossing_a_key_head_group_is_refused(kernel_calls, monkeypatch):
+    """Query heads 2..5 of 8 with 2 key heads (4 per group) read key heads 0 and 1: no single key head serves
+    them, so the slice was silently wrong (query head h reads key head h // group of `k`)."""
+    q, k, cu = packed_inputs([4, 6])
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(stats_engine, "select_backend", lambda q, backend=backend: backend)
+        with pytest.raises(ValueError, match=r"query heads 2\.\.5 of 8 .* cross a key-head group: start the slice at a "
+                                             r"multiple of 4"):
+            packed_token_stats(q[2:6], k[:1], cu, AnchorConfig(), head_offset=2, num_heads_total=8)
+    assert kernel_calls == []
+    packed_token_stats(q[4:8], k[1:], cu, AnchorConfig(), head_offset=4, num_heads_total=8)  # a whole group
+    assert len(kernel_calls) == 1
+
+
+def test_kernels_get_one_dtype_unit_stride_along_d_and_their_block_sizes(kernel_calls):
+    """fp16 q with fp32 k failed inside `tl.dot`, and the kernels index D contiguously: the launcher gets both
+    in their common dtype with unit stride along D, and the tiles of that dtype's block sizes."""
+    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    q, k, cu = packed_inputs([4, 6])
+    packed_token_stats(q.half(), k.transpose(1, 2).contiguous().transpose(1, 2), cu, AnchorConfig())
+    packed_token_stats(q.half(), k.half(), cu, AnchorConfig())
+    (mixed, half) = kernel_calls
+    assert mixed["q"].dtype == mixed["k"].dtype == torch.float32 and mixed["k"].stride(-1) == 1
+    assert torch.equal(mixed["k"], k) and torch.equal(mixed["q"], q.half().float())
+    assert (mixed["tile"], mixed["inner"]) == triton_stats.block_sizes(torch.float32)
+    assert (half["tile"], half["inner"]) == triton_stats.block_sizes(torch.float16) == (64, 64)
+    for call in kernel_calls:
+        assert call["tiles"].shape[0] == math.ceil(10 / call["tile"]) + 2
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_q_k_not_contiguous_along_d_give_the_reference_stats(layout):
+    cfg = AnchorConfig(window=3, fai_h_lo=1, fai_h_hi=4)
+    q, k, cu = packed_inputs([300, 40])
+    if layout == "transposed":
+        q_in, k_in = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+    else:
+        q_in, k_in = (torch.stack([x, torch.zeros_like(x)], dim=-1).flatten(-2)[..., ::2] for x in (q, k))
+    assert q_in.stride(-1) != 1 and torch.equal(q_in, q) and torch.equal(k_in, k)
+    stats = packed_token_stats(q_in, k_in, cu, cfg)
+    for (a, b), mine in zip(sequences_of(cu), stats.to_token_stats()):
+        ref = reference_stats(dense_attention(q[:, a:b], k[:, a:b]), 0, cfg)
+        torch.testing.assert_close(mine.waad.double(), ref.waad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mine.fai.double(), ref.fai, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_micro_batch_past_the_kernels_int32_range_is_refused():
+    with pytest.raises(ValueError, match=r"num_tokens=1073741825 is invalid: a micro-batch holds 0\.\.1073741824"):
+        PackedSequences(torch.tensor([0, 2**30 + 1]), 2**30 + 1)
 
 
 def test_bench_gpu_exits_cleanly_without_cuda():

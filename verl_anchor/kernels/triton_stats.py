@@ -27,8 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 64  # tokens per program: query tile of the row pass, key tile of the FAI pass
+TILE = 64  # tokens per program: query tile of the row pass, key tile of the FAI pass (16-bit inputs)
 INNER = 64  # tokens per step inside a program (key step of the row pass, query step of the FAI pass)
+# float32 dots run on CUDA cores (input_precision="ieee"), each thread holding its rows and columns of both
+# operands over all of D: at 64 x 64 (and 32 x 32) the row pass spills on sm_80/sm_90 (D=128: ~28 KB of spill
+# stores); 16 x 16 compiles clean (tests/test_kernels_compile.py, docs/performance.md).
+FLOAT32_TILE = FLOAT32_INNER = 16
 _LOG2E = math.log2(math.e)  # scores go to exp2
 
 
@@ -135,6 +139,11 @@ def _fai_pass(Q, K, TILES, LSE2, FAI, stride_qh, stride_qt, stride_kh, stride_kt
     tl.store(FAI + head * num_tokens + keys, fai.to(tl.float32), mask=keys < seq_end)
 
 
+def block_sizes(dtype: torch.dtype) -> tuple[int, int]:
+    """`(tile, inner)` the launcher uses for inputs of `dtype`: the sizes that compile without spills."""
+    return (FLOAT32_TILE, FLOAT32_INNER) if dtype == torch.float32 else (TILE, INNER)
+
+
 def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: int, fai_h_lo: int,
                  fai_h_hi: int | None, scale: float, tile: int = TILE,
                  inner: int = INNER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,11 +151,12 @@ def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: 
 
     `tiles (P, 3)` int32: per program `(sequence start, sequence end, tile start)` for tiles of
     `tile` tokens (`PackedSequences.tiles(tile)`); `tile` must be a multiple of `inner`. Two launches.
+    The inputs are trusted: `stats_engine.packed_token_stats` checks them (one check for both backends:
+    one dtype, unit stride along D, boundaries within T, head slice, option bounds of `AnchorConfig`).
     """
     num_heads, num_tokens, head_dim = q.shape
     if tile % inner:
         raise ValueError(f"tile={tile} must be a multiple of inner={inner}")
-    q, k = _unit_last_stride(q), _unit_last_stride(k)
     row_span, waad, fai, lse2 = (torch.empty(num_heads, num_tokens, dtype=torch.float32, device=q.device)
                                  for _ in range(4))
     if tiles.shape[0] == 0 or num_heads == 0:  # nothing to launch (T = 0 and no sequences)
@@ -159,10 +169,6 @@ def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: 
     _fai_pass[grid](q, k, tiles, lse2, fai, *strides, FAI_LO=fai_h_lo, FAI_HI=-1 if fai_h_hi is None else fai_h_hi,
                     BLOCK_M=inner, BLOCK_N=tile, **common)
     return row_span, waad, fai
-
-
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 KERNELS = (_row_pass, _fai_pass)  # every launch of this module goes through one of these (launch counting)
