@@ -180,12 +180,33 @@ def test_invalid_inputs_raise_clear_errors():
         response_head_span(stats, torch.tensor([5, 0]))
 
 
-def test_dispatch_by_device(monkeypatch):
+@pytest.fixture
+def fake_cuda_device(monkeypatch):
+    """A CUDA device 0 of the given compute capability and opt-in shared memory per block, as torch reports them
+    (there is no GPU here); the once-per-device answers are forgotten before and after."""
+    def install(capability, shared_memory_per_block):
+        properties = types.SimpleNamespace(shared_memory_per_block_optin=shared_memory_per_block)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+        stats_engine._device_problem.cache_clear()
+
+    yield install
+    stats_engine._device_problem.cache_clear()
+
+
+def cuda_query(head_dim=128, dtype=torch.bfloat16):
+    return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(8, 10, head_dim))
+
+
+def test_dispatch_by_device(monkeypatch, fake_cuda_device):
     """CUDA tensors of kernel dtypes go to the Triton kernels when triton is installed; the rest to torch."""
-    cuda = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    fake_cuda_device((9, 0), 227 * 1024)
+    cuda = cuda_query()
     monkeypatch.setattr(stats_engine, "_triton_installed", lambda: True)
     assert select_backend(cuda) == "triton"
-    assert select_backend(types.SimpleNamespace(device=cuda.device, dtype=torch.float64)) == "torch"
+    assert select_backend(cuda_query(dtype=torch.float64)) == "torch"
     assert select_backend(torch.zeros(1, dtype=torch.bfloat16)) == "torch"
     monkeypatch.setattr(stats_engine, "_triton_installed", lambda: False)
     assert select_backend(cuda) == "torch"
@@ -323,3 +344,51 @@ def test_bench_gpu_imports_only_torch_transformers_and_triton():
                         todo.append(candidate)
     assert ROOT / "verl_anchor" / "capture.py" in seen and ROOT / "verl_anchor" / "kernels" / "triton_stats.py" in seen
     assert packages - sys.stdlib_module_names == {"torch", "transformers", "triton", "numpy", "flash_attn"}
+
+
+def test_kernel_device_rules():
+    """sm_80/sm_90 (and 8.x with 99 KB) run head dims up to 128; sm_75, wider heads, or too little shared memory
+    do not. The shared memory asked is `shared_memory_bytes`, which the compile check bounds by what triton uses."""
+    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    for capability, shared, head_dim in [((8, 0), 163 * 1024, 128), ((8, 6), 99 * 1024, 128), ((9, 0), 227 * 1024, 64),
+                                         ((9, 0), None, 96)]:
+        assert triton_stats.device_problem(capability, shared, head_dim) is None
+    assert "compute capability 7.5" in triton_stats.device_problem((7, 5), 64 * 1024, 128)
+    assert "head dim 256" in triton_stats.device_problem((9, 0), 227 * 1024, 256)
+    need = triton_stats.shared_memory_bytes(torch.bfloat16, 128)
+    assert triton_stats.device_problem((8, 0), need, 128) is None
+    assert f"needs {need} bytes of shared memory per block, the device allows {need - 1}" in (
+        triton_stats.device_problem((8, 0), need - 1, 128))
+
+
+def test_devices_the_kernels_do_not_fit_fall_back_to_torch_with_one_warning(fake_cuda_device, caplog):
+    pytest.importorskip("verl_anchor.kernels.triton_stats")
+    fake_cuda_device((7, 5), 64 * 1024)
+    with caplog.at_level("WARNING", logger="verl_anchor.stats_engine"):
+        assert select_backend(cuda_query()) == select_backend(cuda_query()) == "torch"
+    [warning] = caplog.records
+    assert "take the torch path" in warning.getMessage() and "compute capability 7.5" in warning.getMessage()
+    fake_cuda_device((9, 0), 227 * 1024)
+    assert select_backend(cuda_query()) == "triton"
+    assert select_backend(cuda_query(head_dim=256)) == "torch"
+
+
+def test_capture_decides_the_backend_when_built_not_at_the_first_forward(fake_cuda_device, caplog):
+    """Where the capture is built (start-up, `anchor_prepare`), the device is judged and the fallback warned
+    about; the forwards' dispatch then reuses that answer without a second warning."""
+    pytest.importorskip("verl_anchor.kernels.triton_stats")
+    from transformers import AutoModelForCausalLM
+
+    from verl_anchor.capture import AttentionCapture
+    from verl_anchor.tiny import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3", num_hidden_layers=2))
+    fake_cuda_device((7, 5), 64 * 1024)
+    with caplog.at_level("WARNING", logger="verl_anchor.stats_engine"):
+        capture = AttentionCapture(model, AnchorConfig(layers=[0, 1]))
+        assert len(caplog.records) == 1  # at build, before any forward
+        assert select_backend(cuda_query(head_dim=model.config.head_dim)) == "torch"
+    assert capture.kernel_problem.startswith("compute capability 7.5")
+    assert len(caplog.records) == 1
+    fake_cuda_device((9, 0), 227 * 1024)
+    assert AttentionCapture(model, AnchorConfig(layers=[0, 1])).kernel_problem is None

@@ -85,6 +85,7 @@ from verl_anchor.capture_checks import (
     layer_problems,
     layers_message,
     num_layers,
+    statistics_device_problem,
 )
 from verl_anchor.capture_layout import SequenceLayout, find_sequences, sequence_segments
 from verl_anchor.config import AnchorConfig
@@ -138,6 +139,8 @@ class AttentionCapture:
                        else select_layers(self._total_layers, cfg.num_layers))
         self.implementation = self._model_implementation()
         self._limits = self._check(self.implementation)
+        # Where the statistics will run, decided now (start-up), not at the first forward.
+        self.kernel_problem = statistics_device_problem(self.decoder, [modules[layer] for layer in self.layers])
         self._layer_of = {id(modules[layer]): layer for layer in self.layers}
         self._signature = inspect.signature(self.decoder.forward)
         self._var_keyword = next((p.name for p in self._signature.parameters.values()

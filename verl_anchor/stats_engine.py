@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import logging
 import math
 from collections.abc import Sequence
 
@@ -44,6 +45,8 @@ _SPAN_FIXED_POINT = 2.0**24  # resolution of the exact (integer) span sums: ~6e-
 # Tokens of one micro-batch at most: the kernels index tokens in int32, and a token index plus the largest
 # option offset (config.MAX_OFFSET = 2^24) plus a tile must stay below 2^31.
 MAX_TOKENS = 2**30
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +187,38 @@ class PackedResponseSignals:
 
 def select_backend(q: torch.Tensor) -> str:
     """The one dispatch by device: "triton" for CUDA tensors of 16/32-bit floats where triton is
-    installed, "torch" (`metrics.token_stats` per sequence) everywhere else."""
-    if q.device.type == "cuda" and q.dtype in KERNEL_DTYPES and _triton_installed():
+    installed and the device can run the kernels for q's head dim (`kernel_device_problem`), "torch"
+    (`metrics.token_stats` per sequence) everywhere else."""
+    if (q.device.type == "cuda" and q.dtype in KERNEL_DTYPES and _triton_installed()
+            and kernel_device_problem(q.device, q.shape[-1]) is None):
         return "triton"
     return "torch"
+
+
+def kernel_device_problem(device: torch.device, head_dim: int) -> str | None:
+    """Why the Triton kernels cannot run on CUDA `device` for `head_dim` (`triton_stats.device_problem`: compute
+    capability, shared memory per block); None where they can, or where triton is not installed.
+
+    Read from the device's properties once per (device, head dim), and a problem is logged once, as a warning:
+    those statistics take the torch path, the same numbers (both are tested against one reference), only
+    slower, so an older card or a wide head still trains instead of being refused. `AttentionCapture` asks when
+    it is built (start-up), so the warning comes before any rollout, never at the first forward.
+    """
+    if not _triton_installed():
+        return None
+    return _device_problem(torch.cuda.current_device() if device.index is None else device.index, head_dim)
+
+
+@functools.cache
+def _device_problem(index: int, head_dim: int) -> str | None:
+    from verl_anchor.kernels import triton_stats
+
+    shared = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    problem = triton_stats.device_problem(torch.cuda.get_device_capability(index), shared, head_dim)
+    if problem is not None:
+        logger.warning("attention statistics on cuda:%d take the torch path (the same numbers, slower) instead of "
+                       "the Triton kernels: %s", index, problem)
+    return problem
 
 
 @functools.cache
