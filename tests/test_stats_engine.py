@@ -216,7 +216,7 @@ def test_triton_backend_calls_the_kernels_once_per_layer(monkeypatch):
     triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
     calls = []
 
-    def fake_kernels(q, k, tiles, window, lo, hi, scale, tile, inner):
+    def fake_kernels(q, k, tiles, window, lo, hi, scale):
         calls.append((tiles.shape, window, lo, hi, scale))
         return tuple(torch.zeros(q.shape[0], q.shape[1]) for _ in range(3))
 
@@ -235,8 +235,8 @@ def kernel_calls(monkeypatch):
     triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
     calls = []
 
-    def recorder(q, k, tiles, window, lo, hi, scale, tile, inner):
-        calls.append(dict(q=q, k=k, tiles=tiles, tile=tile, inner=inner))
+    def recorder(q, k, tiles, window, lo, hi, scale):
+        calls.append(dict(q=q, k=k, tiles=tiles))
         return tuple(torch.zeros(q.shape[0], q.shape[1]) for _ in range(3))
 
     monkeypatch.setattr(stats_engine, "select_backend", lambda q: "triton")
@@ -272,7 +272,7 @@ def test_head_slice_crossing_a_key_head_group_is_refused(kernel_calls, monkeypat
 
 def test_kernels_get_one_dtype_unit_stride_along_d_and_their_block_sizes(kernel_calls):
     """fp16 q with fp32 k failed inside `tl.dot`, and the kernels index D contiguously: the launcher gets both
-    in their common dtype with unit stride along D, and the tiles of that dtype's block sizes."""
+    in their common dtype with unit stride along D, and the tiles of that dtype's block size (its default)."""
     triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
     q, k, cu = packed_inputs([4, 6])
     packed_token_stats(q.half(), k.transpose(1, 2).contiguous().transpose(1, 2), cu, AnchorConfig())
@@ -280,10 +280,8 @@ def test_kernels_get_one_dtype_unit_stride_along_d_and_their_block_sizes(kernel_
     (mixed, half) = kernel_calls
     assert mixed["q"].dtype == mixed["k"].dtype == torch.float32 and mixed["k"].stride(-1) == 1
     assert torch.equal(mixed["k"], k) and torch.equal(mixed["q"], q.half().float())
-    assert (mixed["tile"], mixed["inner"]) == triton_stats.block_sizes(torch.float32)
-    assert (half["tile"], half["inner"]) == triton_stats.block_sizes(torch.float16) == (64, 64)
-    for call in kernel_calls:
-        assert call["tiles"].shape[0] == math.ceil(10 / call["tile"]) + 2
+    assert triton_stats.block_sizes(torch.float32) == (16, 16) and triton_stats.block_sizes(torch.float16) == (64, 64)
+    assert mixed["tiles"].shape[0] == math.ceil(10 / 16) + 2 and half["tiles"].shape[0] == math.ceil(10 / 64) + 2
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided"])

@@ -69,6 +69,14 @@ class PackedSequences:
                              "(the kernels index tokens in int32); split it into smaller micro-batches")
         object.__setattr__(self, "cu_seqlens", self.cu_seqlens.long())
 
+    @classmethod
+    def built_valid(cls, cu_seqlens: torch.Tensor, num_tokens: int) -> "PackedSequences":
+        """For boundaries that rise from 0 to T by construction (a cumsum of lengths padded with 0, sorted
+        sequence starts from 0 padded with T): `check` then reads nothing (the capture's layouts, no extra sync)."""
+        sequences = cls(cu_seqlens, num_tokens)
+        object.__setattr__(sequences, "_checked", True)
+        return sequences
+
     def check(self) -> None:
         """Refuse boundaries that do not rise from 0 to T (the kernels would read and write out of bounds, or
         leave tokens unwritten). Reads `bounds`: one host sync per `PackedSequences` where the caller did not pass
@@ -257,9 +265,8 @@ def packed_token_stats(
     if select_backend(q) == "triton":
         from verl_anchor.kernels import triton_stats
 
-        tile, inner = triton_stats.block_sizes(q.dtype)
-        row_span, waad, fai = triton_stats.packed_stats(q, k, sequences.tiles(tile), cfg.window, cfg.fai_h_lo,
-                                                        cfg.fai_h_hi, scale, tile=tile, inner=inner)
+        tiles = sequences.tiles(triton_stats.block_sizes(q.dtype)[0])  # the launcher's tile for this dtype
+        row_span, waad, fai = triton_stats.packed_stats(q, k, tiles, cfg.window, cfg.fai_h_lo, cfg.fai_h_hi, scale)
     else:
         row_span, waad, fai = _per_sequence_stats(q, k, sequences, cfg, scale, chunk_size)
     return PackedTokenStats(row_span=row_span, waad=waad, fai=fai, sequences=sequences, head_offset=head_offset,

@@ -188,16 +188,19 @@ def device_problem(capability: tuple[int, int], shared_memory_per_block: int | N
 
 
 def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: int, fai_h_lo: int,
-                 fai_h_hi: int | None, scale: float, tile: int = TILE,
-                 inner: int = INNER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 fai_h_hi: int | None, scale: float, tile: int | None = None,
+                 inner: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(row_span, waad, fai)`, each `(Hq, T)` float32, of packed `q (Hq, T, D)`, `k (Hkv, T, D)`.
 
     `tiles (P, 3)` int32: per program `(sequence start, sequence end, tile start)` for tiles of
-    `tile` tokens (`PackedSequences.tiles(tile)`); `tile` must be a multiple of `inner`. Two launches.
+    `tile` tokens (`PackedSequences.tiles(tile)`); `tile` must be a multiple of `inner`; both default to
+    `block_sizes(q.dtype)`, the sizes the compile check verifies (other sizes: interpreter tests). Two launches.
     The inputs are trusted: `stats_engine.packed_token_stats` checks them (one check for both backends:
     one dtype, unit stride along D, boundaries within T, head slice, option bounds of `AnchorConfig`).
     """
     num_heads, num_tokens, head_dim = q.shape
+    default_tile, default_inner = block_sizes(q.dtype)
+    tile, inner = tile or default_tile, inner or default_inner
     if tile % inner:
         raise ValueError(f"tile={tile} must be a multiple of inner={inner}")
     row_span, waad, fai, lse2 = (torch.empty(num_heads, num_tokens, dtype=torch.float32, device=q.device)
