@@ -53,6 +53,10 @@ The implementation is the one the decoder's config names when the capture is ent
 `set_attn_implementation` between building and entering is followed (and checked again, as when
 built); one while the capture is active is refused at the next forward.
 
+Where the statistics run is decided when the capture is built, too: on a CUDA device the kernels cannot
+run on (capability, shared memory, head dim: `stats_engine.kernel_device_problem`) they take the torch
+path, with one warning at start-up (`kernel_problem` says why).
+
 Attention the statistics do not model is refused when the capture is built, never approximated
 (`verl_anchor.capture_checks`; `docs/models.md` lists the model families). Each forward checks
 again what only the inputs show: a sequence longer than a window, a row longer than an attention

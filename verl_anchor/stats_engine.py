@@ -7,9 +7,10 @@ A micro-batch is packed along the token axis: `q (Hq, T, D)`, `k (Hkv, T, D)` an
   `first = 0`, side by side along the token axis); `verl_anchor.capture` calls it once per captured
   layer per forward. This module is the one place that dispatches by
   device (`select_backend`): CUDA tensors go to the Triton kernels of `kernels.triton_stats` (two
-  launches per call, whatever the number or length of the sequences); everything else to
+  launches per call, whatever the number or length of the sequences) where the device can run them
+  (`kernel_device_problem`, asked at start-up by the capture); everything else to
   `metrics.token_stats`, looped over the sequences on the host. `metrics.reference_stats` is the
-  oracle for both.
+  oracle for both, and both get the same checked inputs.
 * `response_head_span`, `head_groups` and `group_means` (composed by `packed_response_signals`)
   take these to the worker's outputs for responses that end their sequences: per-sequence head
   spans, head groups (spec §2) and the group-mean WAAD and FAI of every response token, packed
@@ -31,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import logging
 import math
 from collections.abc import Sequence
 
@@ -45,8 +45,6 @@ _SPAN_FIXED_POINT = 2.0**24  # resolution of the exact (integer) span sums: ~6e-
 # Tokens of one micro-batch at most: the kernels index tokens in int32, and a token index plus the largest
 # option offset (config.MAX_OFFSET = 2^24) plus a tile must stay below 2^31.
 MAX_TOKENS = 2**30
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,29 +202,15 @@ def select_backend(q: torch.Tensor) -> str:
 
 
 def kernel_device_problem(device: torch.device, head_dim: int) -> str | None:
-    """Why the Triton kernels cannot run on CUDA `device` for `head_dim` (`triton_stats.device_problem`: compute
-    capability, shared memory per block); None where they can, or where triton is not installed.
-
-    Read from the device's properties once per (device, head dim), and a problem is logged once, as a warning:
-    those statistics take the torch path, the same numbers (both are tested against one reference), only
-    slower, so an older card or a wide head still trains instead of being refused. `AttentionCapture` asks when
-    it is built (start-up), so the warning comes before any rollout, never at the first forward.
-    """
+    """Why the Triton kernels cannot run on CUDA `device` for `head_dim` (None: they can, or no triton): read once
+    per (device, head dim) and warned about once; those statistics take the torch path, the same numbers, slower
+    (`triton_stats.cuda_device_problem`). `AttentionCapture` asks when built, so this is decided at start-up."""
     if not _triton_installed():
         return None
-    return _device_problem(torch.cuda.current_device() if device.index is None else device.index, head_dim)
-
-
-@functools.cache
-def _device_problem(index: int, head_dim: int) -> str | None:
     from verl_anchor.kernels import triton_stats
 
-    shared = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
-    problem = triton_stats.device_problem(torch.cuda.get_device_capability(index), shared, head_dim)
-    if problem is not None:
-        logger.warning("attention statistics on cuda:%d take the torch path (the same numbers, slower) instead of "
-                       "the Triton kernels: %s", index, problem)
-    return problem
+    return triton_stats.cuda_device_problem(torch.cuda.current_device() if device.index is None else device.index,
+                                            head_dim)
 
 
 @functools.cache

@@ -21,6 +21,8 @@ integers `t - s` within a sequence, never absolute positions.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -34,6 +36,7 @@ INNER = 64  # tokens per step inside a program (key step of the row pass, query 
 # stores); 16 x 16 compiles clean (tests/test_kernels_compile.py, docs/performance.md).
 FLOAT32_TILE = FLOAT32_INNER = 16
 _LOG2E = math.log2(math.e)  # scores go to exp2
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -185,6 +188,19 @@ def device_problem(capability: tuple[int, int], shared_memory_per_block: int | N
         return (f"head dim {head_dim} needs {need} bytes of shared memory per block, the device allows "
                 f"{shared_memory_per_block}")
     return None
+
+
+@functools.cache
+def cuda_device_problem(index: int, head_dim: int) -> str | None:
+    """`device_problem` of CUDA device `index`, read from torch's device properties once; a problem is logged
+    once, as a warning. Falling back rather than refusing: the torch path computes the same statistics (both
+    are tested against one reference), so an older card or a wide head still trains, only slower."""
+    shared = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    problem = device_problem(torch.cuda.get_device_capability(index), shared, head_dim)
+    if problem is not None:
+        logger.warning("attention statistics on cuda:%d take the torch path (the same numbers, slower) instead of "
+                       "the Triton kernels: %s", index, problem)
+    return problem
 
 
 def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: int, fai_h_lo: int,
