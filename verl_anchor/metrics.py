@@ -339,8 +339,10 @@ def prepare_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of key heads ({k.shape[0]})")
     if not (q.is_floating_point() and k.is_floating_point()):
         raise ValueError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
-    dtype = torch.promote_types(q.dtype, k.dtype)
-    return _unit_last_stride(q.to(dtype)), _unit_last_stride(k.to(dtype))
+    if q.dtype != k.dtype:  # (promote_types is itself a dispatched op: not called per layer when they agree)
+        dtype = torch.promote_types(q.dtype, k.dtype)
+        q, k = q.to(dtype), k.to(dtype)
+    return _unit_last_stride(q), _unit_last_stride(k)
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
