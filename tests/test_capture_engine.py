@@ -162,9 +162,10 @@ def test_capture_runs_the_kernels_once_per_layer_with_host_reads_independent_of_
 
 def test_cuda_tensors_of_the_model_dtypes_select_the_kernels(monkeypatch):
     monkeypatch.setattr(stats_engine, "_triton_installed", lambda: True)
+    monkeypatch.setattr(stats_engine, "kernel_device_problem", lambda device, head_dim: None)  # a device that fits
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert stats_engine.select_backend(types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)) \
-            == "triton"
+        q = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(8, 10, 128))
+        assert stats_engine.select_backend(q) == "triton"
         assert stats_engine.select_backend(torch.zeros(1, dtype=dtype)) == "torch"
 
 

@@ -84,6 +84,9 @@ def compute_in_interpreter(path: str) -> None:
     stats_engine.select_backend = lambda q: "triton"  # the CUDA dispatch, on CPU tensors
     stats = packed_token_stats(*packed_inputs(DISPATCH_LENGTHS, 8, 2, 16, seed=5), BOUNDED)
     results["dispatch"] = (stats.row_span, stats.waad, stats.fai)
+    q, k, cu = packed_inputs(DISPATCH_LENGTHS, 8, 2, 16, seed=5)
+    stats = packed_token_stats(q.half(), k.transpose(1, 2).contiguous().transpose(1, 2), cu, BOUNDED)
+    results["dispatch, fp16 q, fp32 k strided"] = (stats.row_span, stats.waad, stats.fai)
     torch.save(results, path)
 
 
@@ -138,12 +141,16 @@ def test_sequence_alone_and_packed_give_bitwise_equal_stats(interpreted):
             torch.testing.assert_close(many[:, before : before + ALONE], single, atol=0, rtol=0, equal_nan=True)
 
 
-def test_dispatch_to_kernels_matches_torch_path(interpreted):
-    """`packed_token_stats` through the kernels (as on CUDA) and through the torch path, then the worker's
-    batched signals of both: the same numbers."""
+@pytest.mark.parametrize("case", ["dispatch", "dispatch, fp16 q, fp32 k strided"])
+def test_dispatch_to_kernels_matches_torch_path(interpreted, case):
+    """`packed_token_stats` through the kernels (as on CUDA, float32 at its own block sizes) and through the torch
+    path, then the worker's batched signals of both: the same numbers. Mixed dtypes and keys not contiguous
+    along D (which `tl.dot` rejected, and the kernels would misread) reach the kernels as one dtype, unit stride."""
     q, k, cu = packed_inputs(DISPATCH_LENGTHS, 8, 2, 16, seed=5)
+    if case != "dispatch":
+        q = q.half().float()
     torch_stats = packed_token_stats(q, k, cu, BOUNDED)
-    kernel = PackedTokenStats(*interpreted["dispatch"], sequences=torch_stats.sequences, head_offset=0,
+    kernel = PackedTokenStats(*interpreted[case], sequences=torch_stats.sequences, head_offset=0,
                               num_heads_total=8)
     for name in ("row_span", "waad", "fai"):
         torch.testing.assert_close(getattr(kernel, name), getattr(torch_stats, name), atol=1e-5, rtol=1e-6,

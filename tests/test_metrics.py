@@ -248,3 +248,53 @@ def test_block_geometry_kept_per_call_stays_bounded(monkeypatch, hi):
     token_stats(q, k, AnchorConfig(fai_h_lo=0 if hi is None else 10, fai_h_hi=hi), chunk_size=32)
     [geometry] = made
     assert len(geometry._cache) == (0 if hi is None else 2)  # analysis: none; banded: full chunks + the last
+
+
+def not_unit_stride_along_d(x, layout):
+    """`x`'s values with stride != 1 along D: "transposed" (D-major storage) or "strided" (every other element)."""
+    if layout == "transposed":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.zeros(*x.shape[:2], 2 * x.shape[2], dtype=x.dtype)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_q_k_not_contiguous_along_d_give_the_reference_stats(layout):
+    """torch's fused CPU attention misreads q/k whose last dimension is not contiguous (WAAD was off by 0.1):
+    every entry point normalises them first (`metrics.prepare_qk`)."""
+    torch.manual_seed(5)
+    cfg = AnchorConfig(window=3, fai_h_lo=1, fai_h_hi=4)  # band 4: the prefix goes through the fused kernel
+    q, k = torch.randn(4, 300, 16), torch.randn(2, 300, 16)
+    q_strided, k_strided = not_unit_stride_along_d(q, layout), not_unit_stride_along_d(k, layout)
+    assert q_strided.stride(-1) != 1 and torch.equal(q_strided, q)
+    ref = reference_stats(dense_attention(q, k), 100, cfg)
+    assert_stats_close(attention_stats(q_strided, k_strided, 100, cfg, chunk_size=64), ref)
+    tokens = token_stats(q_strided, k_strided, cfg, chunk_size=64).response(100)
+    assert_stats_close(tokens, ref)
+
+
+def test_mixed_dtypes_are_promoted_and_non_float_refused():
+    torch.manual_seed(6)
+    cfg = AnchorConfig()
+    q, k = torch.randn(4, 150, 16), torch.randn(2, 150, 16)
+    mixed = attention_stats(q.half(), k.half().float(), 20, cfg)
+    assert mixed.waad.dtype == torch.float32
+    assert_stats_close(mixed, reference_stats(dense_attention(q.half().float(), k.half().float()), 20, cfg))
+    with pytest.raises(ValueError, match="must be floating point, got torch.int64"):
+        token_stats(torch.ones(2, 4, 2, dtype=torch.long), torch.ones(2, 4, 2), cfg)
+
+
+def test_window_longer_than_the_sequence_costs_no_memory():
+    """min(t - s, W) = min(t - s, N) for W >= N: a window of 2^24 (the largest AnchorConfig allows) gives the
+    statistics of W = N, and no tensor grows with W (it tried to allocate H x chunk x W)."""
+    torch.manual_seed(7)
+    q, k = torch.randn(1, 50, 8), torch.randn(1, 50, 8)
+    huge, exact = AnchorConfig(window=2**24, fai_h_hi=None, fai_h_lo=0), AnchorConfig(window=50, fai_h_hi=None,
+                                                                                     fai_h_lo=0)
+    with _LargestTensor() as probe:
+        stats = token_stats(q, k, huge, chunk_size=4)
+    assert probe.largest <= 50 * 50
+    expected = token_stats(q, k, exact, chunk_size=4)
+    torch.testing.assert_close(stats.waad, expected.waad, atol=0, rtol=0)
+    assert_stats_close(stats.response(0), reference_stats(dense_attention(q, k), 0, huge), atol=5e-5)  # WAAD up to 50

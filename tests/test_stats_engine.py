@@ -2,6 +2,7 @@
 `metrics` functions and the dense reference; its dispatch; and bench_gpu's exit without CUDA."""
 
 import ast
+import importlib.util
 import math
 import subprocess
 import sys
@@ -180,12 +181,40 @@ def test_invalid_inputs_raise_clear_errors():
         response_head_span(stats, torch.tensor([5, 0]))
 
 
-def test_dispatch_by_device(monkeypatch):
+def _forget_devices():
+    if importlib.util.find_spec("triton") is not None:
+        from verl_anchor.kernels import triton_stats
+
+        triton_stats.cuda_device_problem.cache_clear()
+
+
+@pytest.fixture
+def fake_cuda_device(monkeypatch):
+    """A CUDA device 0 of the given compute capability and opt-in shared memory per block, as torch reports them
+    (there is no GPU here); the once-per-device answers are forgotten before and after."""
+    def install(capability, shared_memory_per_block):
+        properties = types.SimpleNamespace(shared_memory_per_block_optin=shared_memory_per_block)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+        _forget_devices()
+
+    yield install
+    _forget_devices()
+
+
+def cuda_query(head_dim=128, dtype=torch.bfloat16):
+    return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(8, 10, head_dim))
+
+
+def test_dispatch_by_device(monkeypatch, fake_cuda_device):
     """CUDA tensors of kernel dtypes go to the Triton kernels when triton is installed; the rest to torch."""
-    cuda = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    fake_cuda_device((9, 0), 227 * 1024)
+    cuda = cuda_query()
     monkeypatch.setattr(stats_engine, "_triton_installed", lambda: True)
     assert select_backend(cuda) == "triton"
-    assert select_backend(types.SimpleNamespace(device=cuda.device, dtype=torch.float64)) == "torch"
+    assert select_backend(cuda_query(dtype=torch.float64)) == "torch"
     assert select_backend(torch.zeros(1, dtype=torch.bfloat16)) == "torch"
     monkeypatch.setattr(stats_engine, "_triton_installed", lambda: False)
     assert select_backend(cuda) == "torch"
@@ -204,7 +233,84 @@ def test_triton_backend_calls_the_kernels_once_per_layer(monkeypatch):
     monkeypatch.setattr(stats_engine, "token_stats", lambda *a, **kw: pytest.fail("torch path used"))
     q, k, cu = packed_inputs([4, 6])
     packed_token_stats(q, k, cu, AnchorConfig(), scale=0.5)
-    assert calls == [((math.ceil(10 / triton_stats.TILE) + 2, 3), 10, 10, 100, 0.5)]
+    tile, _ = triton_stats.block_sizes(torch.float32)
+    assert calls == [((math.ceil(10 / tile) + 2, 3), 10, 10, 100, 0.5)]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The Triton backend selected (as on CUDA) with its launcher replaced by a recorder: what it would be given."""
+    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    calls = []
+
+    def recorder(q, k, tiles, window, lo, hi, scale):
+        calls.append(dict(q=q, k=k, tiles=tiles))
+        return tuple(torch.zeros(q.shape[0], q.shape[1]) for _ in range(3))
+
+    monkeypatch.setattr(stats_engine, "select_backend", lambda q: "triton")
+    monkeypatch.setattr(triton_stats, "packed_stats", recorder)
+    return calls
+
+
+@pytest.mark.parametrize("bounds", [[0, 4, 12], [1, 4, 10], [0, 4, 9], [0, 6, 4, 10], [0, 4, 10, 10, 11]],
+                         ids=["past T", "not from 0", "short of T", "not monotone", "past T at the end"])
+def test_bad_boundaries_are_refused_before_any_launch(kernel_calls, bounds):
+    """The kernels trust their tiles: boundaries past T read and write out of bounds, others leave tokens
+    unwritten (`torch.empty`). Both backends share the one check."""
+    q, k, _ = packed_inputs([4, 6])
+    for sequences in (torch.tensor(bounds), PackedSequences(torch.tensor(bounds), 10)):
+        with pytest.raises(ValueError, match=rf"cu_seqlens must rise from 0 to T = 10, got \[{bounds[0]}, "):
+            packed_token_stats(q, k, sequences, AnchorConfig())
+    assert kernel_calls == []
+
+
+def test_head_slice_crossing_a_key_head_group_is_refused(kernel_calls, monkeypatch):
+    """Query heads 2..5 of 8 with 2 key heads (4 per group) read key heads 0 and 1: no single key head serves
+    them, so the slice was silently wrong (query head h reads key head h // group of `k`)."""
+    q, k, cu = packed_inputs([4, 6])
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(stats_engine, "select_backend", lambda q, backend=backend: backend)
+        with pytest.raises(ValueError, match=r"query heads 2\.\.5 of 8 .* cross a key-head group: start the slice at a "
+                                             r"multiple of 4"):
+            packed_token_stats(q[2:6], k[:1], cu, AnchorConfig(), head_offset=2, num_heads_total=8)
+    assert kernel_calls == []
+    packed_token_stats(q[4:8], k[1:], cu, AnchorConfig(), head_offset=4, num_heads_total=8)  # a whole group
+    assert len(kernel_calls) == 1
+
+
+def test_kernels_get_one_dtype_unit_stride_along_d_and_their_block_sizes(kernel_calls):
+    """fp16 q with fp32 k failed inside `tl.dot`, and the kernels index D contiguously: the launcher gets both
+    in their common dtype with unit stride along D, and the tiles of that dtype's block size (its default)."""
+    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    q, k, cu = packed_inputs([4, 6])
+    packed_token_stats(q.half(), k.transpose(1, 2).contiguous().transpose(1, 2), cu, AnchorConfig())
+    packed_token_stats(q.half(), k.half(), cu, AnchorConfig())
+    (mixed, half) = kernel_calls
+    assert mixed["q"].dtype == mixed["k"].dtype == torch.float32 and mixed["k"].stride(-1) == 1
+    assert torch.equal(mixed["k"], k) and torch.equal(mixed["q"], q.half().float())
+    assert triton_stats.block_sizes(torch.float32) == (16, 16) and triton_stats.block_sizes(torch.float16) == (64, 64)
+    assert mixed["tiles"].shape[0] == math.ceil(10 / 16) + 2 and half["tiles"].shape[0] == math.ceil(10 / 64) + 2
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_q_k_not_contiguous_along_d_give_the_reference_stats(layout):
+    cfg = AnchorConfig(window=3, fai_h_lo=1, fai_h_hi=4)
+    q, k, cu = packed_inputs([300, 40])
+    if layout == "transposed":
+        q_in, k_in = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+    else:
+        q_in, k_in = (torch.stack([x, torch.zeros_like(x)], dim=-1).flatten(-2)[..., ::2] for x in (q, k))
+    assert q_in.stride(-1) != 1 and torch.equal(q_in, q) and torch.equal(k_in, k)
+    stats = packed_token_stats(q_in, k_in, cu, cfg)
+    for (a, b), mine in zip(sequences_of(cu), stats.to_token_stats()):
+        ref = reference_stats(dense_attention(q[:, a:b], k[:, a:b]), 0, cfg)
+        torch.testing.assert_close(mine.waad.double(), ref.waad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mine.fai.double(), ref.fai, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_micro_batch_past_the_kernels_int32_range_is_refused():
+    with pytest.raises(ValueError, match=r"num_tokens=1073741825 is invalid: a micro-batch holds 0\.\.1073741824"):
+        PackedSequences(torch.tensor([0, 2**30 + 1]), 2**30 + 1)
 
 
 def test_bench_gpu_exits_cleanly_without_cuda():
@@ -244,3 +350,51 @@ def test_bench_gpu_imports_only_torch_transformers_and_triton():
                         todo.append(candidate)
     assert ROOT / "verl_anchor" / "capture.py" in seen and ROOT / "verl_anchor" / "kernels" / "triton_stats.py" in seen
     assert packages - sys.stdlib_module_names == {"torch", "transformers", "triton", "numpy", "flash_attn"}
+
+
+def test_kernel_device_rules():
+    """sm_80/sm_90 (and 8.x with 99 KB) run head dims up to 128; sm_75, wider heads, or too little shared memory
+    do not. The shared memory asked is `shared_memory_bytes`, which the compile check bounds by what triton uses."""
+    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    for capability, shared, head_dim in [((8, 0), 163 * 1024, 128), ((8, 6), 99 * 1024, 128), ((9, 0), 227 * 1024, 64),
+                                         ((9, 0), None, 96)]:
+        assert triton_stats.device_problem(capability, shared, head_dim) is None
+    assert "compute capability 7.5" in triton_stats.device_problem((7, 5), 64 * 1024, 128)
+    assert "head dim 256" in triton_stats.device_problem((9, 0), 227 * 1024, 256)
+    need = triton_stats.shared_memory_bytes(torch.bfloat16, 128)
+    assert triton_stats.device_problem((8, 0), need, 128) is None
+    assert f"needs {need} bytes of shared memory per block, the device allows {need - 1}" in (
+        triton_stats.device_problem((8, 0), need - 1, 128))
+
+
+def test_devices_the_kernels_do_not_fit_fall_back_to_torch_with_one_warning(fake_cuda_device, caplog):
+    pytest.importorskip("verl_anchor.kernels.triton_stats")
+    fake_cuda_device((7, 5), 64 * 1024)
+    with caplog.at_level("WARNING", logger="verl_anchor.kernels.triton_stats"):
+        assert select_backend(cuda_query()) == select_backend(cuda_query()) == "torch"
+    [warning] = caplog.records
+    assert "take the torch path" in warning.getMessage() and "compute capability 7.5" in warning.getMessage()
+    fake_cuda_device((9, 0), 227 * 1024)
+    assert select_backend(cuda_query()) == "triton"
+    assert select_backend(cuda_query(head_dim=256)) == "torch"
+
+
+def test_capture_decides_the_backend_when_built_not_at_the_first_forward(fake_cuda_device, caplog):
+    """Where the capture is built (start-up, `anchor_prepare`), the device is judged and the fallback warned
+    about; the forwards' dispatch then reuses that answer without a second warning."""
+    pytest.importorskip("verl_anchor.kernels.triton_stats")
+    from transformers import AutoModelForCausalLM
+
+    from verl_anchor.capture import AttentionCapture
+    from verl_anchor.tiny import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3", num_hidden_layers=2))
+    fake_cuda_device((7, 5), 64 * 1024)
+    with caplog.at_level("WARNING", logger="verl_anchor.kernels.triton_stats"):
+        capture = AttentionCapture(model, AnchorConfig(layers=[0, 1]))
+        assert len(caplog.records) == 1  # at build, before any forward
+        assert select_backend(cuda_query(head_dim=model.config.head_dim)) == "torch"
+    assert capture.kernel_problem.startswith("compute capability 7.5")
+    assert len(caplog.records) == 1
+    fake_cuda_device((9, 0), 227 * 1024)
+    assert AttentionCapture(model, AnchorConfig(layers=[0, 1])).kernel_problem is None

@@ -53,6 +53,10 @@ The implementation is the one the decoder's config names when the capture is ent
 `set_attn_implementation` between building and entering is followed (and checked again, as when
 built); one while the capture is active is refused at the next forward.
 
+Where the statistics run is decided when the capture is built, too: on a CUDA device the kernels cannot
+run on (capability, shared memory, head dim: `stats_engine.kernel_device_problem`) they take the torch
+path, with one warning at start-up (`kernel_problem` says why).
+
 Attention the statistics do not model is refused when the capture is built, never approximated
 (`verl_anchor.capture_checks`; `docs/models.md` lists the model families). Each forward checks
 again what only the inputs show: a sequence longer than a window, a row longer than an attention
@@ -85,6 +89,7 @@ from verl_anchor.capture_checks import (
     layer_problems,
     layers_message,
     num_layers,
+    statistics_device_problem,
 )
 from verl_anchor.capture_layout import SequenceLayout, find_sequences, sequence_segments
 from verl_anchor.config import AnchorConfig
@@ -138,6 +143,8 @@ class AttentionCapture:
                        else select_layers(self._total_layers, cfg.num_layers))
         self.implementation = self._model_implementation()
         self._limits = self._check(self.implementation)
+        # Where the statistics will run, decided now (start-up), not at the first forward.
+        self.kernel_problem = statistics_device_problem(self.decoder, [modules[layer] for layer in self.layers])
         self._layer_of = {id(modules[layer]): layer for layer in self.layers}
         self._signature = inspect.signature(self.decoder.forward)
         self._var_keyword = next((p.name for p in self._signature.parameters.values()

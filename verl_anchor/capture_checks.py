@@ -21,6 +21,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from verl_anchor import stats_engine
+
 # Layer kinds of `config.layer_types` that are softmax attention over q.k (Jamba says "attention").
 _ATTENTION_KINDS = ("full_attention", "attention", "sliding_attention", "chunked_attention")
 LAYERS_OPTION = "`layers` (algorithm.anchor.layers in training, --layers in the analysis commands)"
@@ -154,6 +156,21 @@ def _extent_limit(config: Any, module: torch.nn.Module, kind: str | None) -> tup
         windows.append(getattr(config, "sliding_window", None))
     windows = [w for w in windows if isinstance(w, int) and not isinstance(w, bool) and w > 0]
     return "sliding", min(windows, default=None)
+
+
+def statistics_device_problem(decoder: torch.nn.Module, modules: list[torch.nn.Module]) -> str | None:
+    """Whether the statistics kernels can run where this model's forwards will (`stats_engine.
+    kernel_device_problem`), asked when the capture is built so that a fallback to the torch path is decided and
+    warned about at start-up. The device: the decoder's CUDA parameters', else the current CUDA device where
+    there is one (parameters offloaded to the CPU between steps); None on a machine without CUDA."""
+    device = next((p.device for p in decoder.parameters() if p.device.type == "cuda"), None)
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda")
+    head_dims = {getattr(module, "head_dim", None) for module in modules} - {None}
+    if device is None or not head_dims:
+        return None  # nothing to ask (the first forward's select_backend still checks q itself)
+    problems = [stats_engine.kernel_device_problem(device, head_dim) for head_dim in sorted(head_dims)]
+    return next((problem for problem in problems if problem), None)
 
 
 def layers_message(selected: list[int], bad: list[int], problems: dict[int, str], num_layers: int,

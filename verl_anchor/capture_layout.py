@@ -146,7 +146,7 @@ def find_sequences(
         # Flash attention drops a mask without padding and reads a single row's position_ids instead.
         if not (flash and batch == 1 and position_ids is not None and tokens[0].numel() == length):
             cu_seqlens = torch.nn.functional.pad(present.sum(1).cumsum(0), (1, 0))
-            return SequenceLayout(batch, length, PackedSequences(cu_seqlens, tokens[0].numel()), tokens)
+            return SequenceLayout(batch, length, PackedSequences.built_valid(cu_seqlens, tokens[0].numel()), tokens)
     if position_ids is not None:
         if position_ids.dim() != 2:
             raise CaptureError(f"the capture needs 2-D position_ids, got shape {tuple(position_ids.shape)} "
@@ -158,7 +158,7 @@ def find_sequences(
         if flash and first.numel() > batch:
             _check_flash_packing(batch, positions, first)
         cu_seqlens = torch.nn.functional.pad(first, (0, 1), value=batch * length)
-        return SequenceLayout(batch, length, PackedSequences(cu_seqlens, batch * length))
+        return SequenceLayout(batch, length, PackedSequences.built_valid(cu_seqlens, batch * length))
     bounds = tuple(row * length for row in range(batch + 1))  # known on the host: nothing to read
     cu_seqlens = torch.arange(batch + 1, device=device) * length
     return SequenceLayout(batch, length, PackedSequences(cu_seqlens, batch * length, host_bounds=bounds))

@@ -18,6 +18,9 @@ ATTENTION_STRATEGIES = ("local_chunk", "global_anchor", "coupled")
 SIGNS = ("both", "positive", "negative")
 SELECTS = ("top", "bottom")
 MAX_GAMMA_AMP = 100.0
+# Largest token offset an option may name (window, FAI horizon, coupled look-back): 16.7M tokens, longer than
+# any sequence, and small enough that a token index plus an offset never overflows the kernels' int32.
+MAX_OFFSET = 2**24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +46,11 @@ class AnchorConfig:
         if self.layers is not None and not isinstance(self.layers, tuple):
             object.__setattr__(self, "layers", tuple(self.layers) if _is_sequence(self.layers) else self.layers)
         _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_int("window", self.window, minimum=1)
-        _check_int("fai_h_lo", self.fai_h_lo, minimum=0)
+        _check_int("window", self.window, minimum=1, maximum=MAX_OFFSET)
+        _check_int("fai_h_lo", self.fai_h_lo, minimum=0, maximum=MAX_OFFSET)
         if self.fai_h_hi is not None:
-            _check_int("fai_h_hi", self.fai_h_hi, minimum=self.fai_h_lo, hint="or None (unbounded, analysis mode)")
+            _check_int("fai_h_hi", self.fai_h_hi, minimum=self.fai_h_lo, maximum=MAX_OFFSET,
+                       hint="or None (unbounded, analysis mode)")
         _check_real("ratio", self.ratio, low=0.0, high=1.0, low_open=True)
         # Bounded: gamma multiplies float32 advantages, and 1e39 would turn them into inf/NaN.
         _check_real("gamma_amp", self.gamma_amp, low=0.0, high=MAX_GAMMA_AMP, low_open=True)
@@ -60,7 +64,7 @@ class AnchorConfig:
                 _check_int("layers[...]", layer, minimum=0)
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"layers={list(self.layers)!r} has duplicates: list each layer once")
-        _check_int("k", self.k, minimum=1)
+        _check_int("k", self.k, minimum=1, maximum=MAX_OFFSET)
         _check_real("alpha", self.alpha, low=0.0, high=1.0)
         _check_choice("sign", self.sign, SIGNS)
         _check_choice("select", self.select, SELECTS)

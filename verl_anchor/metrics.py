@@ -152,7 +152,7 @@ def token_stats(
 
     Accumulates in float32 (float64 inputs stay float64). Memory: O(H * N * (chunk + band)).
     """
-    _check_qk(q, k, first, chunk_size)
+    q, k = _check_qk(q, k, first, chunk_size)
     num_heads, num_tokens, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -163,7 +163,10 @@ def token_stats(
     waad = torch.empty_like(row_span)
     fai_sum = torch.zeros(num_heads, num_tokens, dtype=dtype, device=device)
     band = cfg.band
-    blocks = _BlockGeometry(cfg, dtype, device)
+    # Distances within N tokens are below N, so min(t - s, W) = min(t - s, min(W, N)); the smaller cap keeps
+    # the near-diagonal weights and views O(N) for any window.
+    window = min(cfg.window, max(num_tokens, 1))
+    blocks = _BlockGeometry(cfg, window, dtype, device)
     for t0 in range(first, num_tokens, chunk_size):
         t1 = min(num_tokens, t0 + chunk_size)
         # Keys before `ks` lie beyond every offset WAAD/FAI read: only their mass and mean distance matter.
@@ -194,7 +197,7 @@ def token_stats(
             row_span[:, rows] += prefix_mass * (torch.arange(t0 - ks, t1 - ks, device=device, dtype=dtype)
                                                 + prefix_mean_dist)
         # min(t - s, W) = W - max(W - (t - s), 0): only the W nearest keys of each query differ from W.
-        waad[:, rows] = cfg.window * mass - block.near_diagonals(probs) @ blocks.near_weights
+        waad[:, rows] = window * mass - block.near_diagonals(probs) @ blocks.near_weights
         fai_sum[:, ks:t1] += (probs * block.horizon).sum(dim=1)
     counts = fai_counts(num_tokens, cfg, device)[first:]
     fai_part = fai_sum[:, first:]
@@ -217,7 +220,7 @@ def attention_map(
     attention mass head `h` puts on the keys of run `j`. Rows sum to at most 1: the rest is on keys
     before `first`. For figures of long sequences: memory is O(H * chunk * N), never `N x N`.
     """
-    _check_qk(q, k, first, chunk_size)
+    q, k = _check_qk(q, k, first, chunk_size)
     if bins < 1:
         raise ValueError(f"bins={bins} is invalid: use an integer >= 1")
     num_heads, num_tokens, head_dim = q.shape
@@ -283,10 +286,10 @@ class _BlockGeometry:
     blocks that start at key 0 (the first band, analysis mode, the dense fallback) differ per chunk and
     are not kept, so memory stays linear in N."""
 
-    def __init__(self, cfg: AnchorConfig, dtype: torch.dtype, device: torch.device) -> None:
-        self.cfg, self.dtype, self.device = cfg, dtype, device
+    def __init__(self, cfg: AnchorConfig, window: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.cfg, self.window, self.dtype, self.device = cfg, window, dtype, device
         self._cache: dict[tuple[int, int], _BlockGeometry.Block] = {}
-        self.near_weights = torch.arange(1, cfg.window + 1, dtype=dtype, device=device)  # W - d for d = W-1..0
+        self.near_weights = torch.arange(1, window + 1, dtype=dtype, device=device)  # W - d for d = W-1..0
 
     @dataclasses.dataclass
     class Block:
@@ -316,20 +319,42 @@ class _BlockGeometry:
             if cfg.fai_h_hi is not None:
                 horizon &= offset <= cfg.fai_h_hi
             block = self.Block(future=offset[:, lead:] < 0, dist=offset.clamp(min=0).to(self.dtype),
-                               horizon=horizon.to(self.dtype), lead=lead, window=cfg.window)
+                               horizon=horizon.to(self.dtype), lead=lead, window=self.window)
             if keep:
                 self._cache[chunk, lead] = block
         return block
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor, first: int, chunk_size: int) -> None:
+def prepare_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one check and normalisation of post-RoPE `q (Hq, N, D)`, `k (Hkv, N, D)` for every statistics entry point
+    (`token_stats`, `attention_stats`, `attention_map`, `stats_engine.packed_token_stats` on either backend).
+
+    Refuses other shapes, `Hq` not a multiple of `Hkv` and non-float tensors; gives both one dtype (their
+    promotion) and unit stride along `D`: torch's fused CPU attention misreads other strides (WAAD off by 0.1),
+    and the kernels index `D` contiguously. Tensors that already qualify are returned as they are (no copy).
+    """
     if q.dim() != 3 or k.dim() != 3 or q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q must be (Hq, N, D) and k (Hkv, N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     if k.shape[0] == 0 or q.shape[0] % k.shape[0]:
         raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of key heads ({k.shape[0]})")
+    if not (q.is_floating_point() and k.is_floating_point()):
+        raise ValueError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
+    if q.dtype != k.dtype:  # (promote_types is itself a dispatched op: not called per layer when they agree)
+        dtype = torch.promote_types(q.dtype, k.dtype)
+        q, k = q.to(dtype), k.to(dtype)
+    return _unit_last_stride(q), _unit_last_stride(k)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor, first: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k = prepare_qk(q, k)
     _check_start(first, q.shape[1])
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid: use an integer >= 1")
+    return q, k
 
 
 def _check_start(response_start: int, num_tokens: int) -> None:

@@ -7,9 +7,10 @@ A micro-batch is packed along the token axis: `q (Hq, T, D)`, `k (Hkv, T, D)` an
   `first = 0`, side by side along the token axis); `verl_anchor.capture` calls it once per captured
   layer per forward. This module is the one place that dispatches by
   device (`select_backend`): CUDA tensors go to the Triton kernels of `kernels.triton_stats` (two
-  launches per call, whatever the number or length of the sequences); everything else to
+  launches per call, whatever the number or length of the sequences) where the device can run them
+  (`kernel_device_problem`, asked at start-up by the capture); everything else to
   `metrics.token_stats`, looped over the sequences on the host. `metrics.reference_stats` is the
-  oracle for both.
+  oracle for both, and both get the same checked inputs.
 * `response_head_span`, `head_groups` and `group_means` (composed by `packed_response_signals`)
   take these to the worker's outputs for responses that end their sequences: per-sequence head
   spans, head groups (spec §2) and the group-mean WAAD and FAI of every response token, packed
@@ -37,10 +38,13 @@ from collections.abc import Sequence
 import torch
 
 from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, token_stats
+from verl_anchor.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, prepare_qk, token_stats
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SPAN_FIXED_POINT = 2.0**24  # resolution of the exact (integer) span sums: ~6e-8 tokens
+# Tokens of one micro-batch at most: the kernels index tokens in int32, and a token index plus the largest
+# option offset (config.MAX_OFFSET = 2^24) plus a tile must stay below 2^31.
+MAX_TOKENS = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +56,37 @@ class PackedSequences:
     # The same boundaries on the host, where the caller has them; else read on first use of `bounds`.
     host_bounds: tuple[int, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
     _tiles: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _checked: bool = dataclasses.field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cu_seqlens.dim() != 1 or self.cu_seqlens.numel() < 1 or self.cu_seqlens.is_floating_point():
             raise ValueError(f"cu_seqlens must be a 1-D integer tensor (S+1,), got {self.cu_seqlens.dtype} "
                              f"of shape {tuple(self.cu_seqlens.shape)}")
+        if not 0 <= self.num_tokens <= MAX_TOKENS:
+            raise ValueError(f"num_tokens={self.num_tokens} is invalid: a micro-batch holds 0..{MAX_TOKENS} tokens "
+                             "(the kernels index tokens in int32); split it into smaller micro-batches")
         object.__setattr__(self, "cu_seqlens", self.cu_seqlens.long())
+
+    @classmethod
+    def built_valid(cls, cu_seqlens: torch.Tensor, num_tokens: int) -> "PackedSequences":
+        """For boundaries that rise from 0 to T by construction (a cumsum of lengths padded with 0, sorted
+        sequence starts from 0 padded with T): `check` then reads nothing (the capture's layouts, no extra sync)."""
+        sequences = cls(cu_seqlens, num_tokens)
+        object.__setattr__(sequences, "_checked", True)
+        return sequences
+
+    def check(self) -> None:
+        """Refuse boundaries that do not rise from 0 to T (the kernels would read and write out of bounds, or
+        leave tokens unwritten). Reads `bounds`: one host sync per `PackedSequences` where the caller did not pass
+        them, shared by the layers of a forward; the torch path reads them anyway. Meta tensors (launch
+        counting) hold no values and are not read."""
+        if self._checked or self.cu_seqlens.device.type == "meta":
+            return
+        bounds = self.bounds
+        if (len(bounds) != self.num_sequences + 1 or bounds[0] != 0 or bounds[-1] != self.num_tokens
+                or any(b < a for a, b in zip(bounds, bounds[1:]))):
+            raise ValueError(f"cu_seqlens must rise from 0 to T = {self.num_tokens}, got {list(bounds)}")
+        object.__setattr__(self, "_checked", True)
 
     @property
     def num_sequences(self) -> int:
@@ -164,10 +193,24 @@ class PackedResponseSignals:
 
 def select_backend(q: torch.Tensor) -> str:
     """The one dispatch by device: "triton" for CUDA tensors of 16/32-bit floats where triton is
-    installed, "torch" (`metrics.token_stats` per sequence) everywhere else."""
-    if q.device.type == "cuda" and q.dtype in KERNEL_DTYPES and _triton_installed():
+    installed and the device can run the kernels for q's head dim (`kernel_device_problem`), "torch"
+    (`metrics.token_stats` per sequence) everywhere else."""
+    if (q.device.type == "cuda" and q.dtype in KERNEL_DTYPES and _triton_installed()
+            and kernel_device_problem(q.device, q.shape[-1]) is None):
         return "triton"
     return "torch"
+
+
+def kernel_device_problem(device: torch.device, head_dim: int) -> str | None:
+    """Why the Triton kernels cannot run on CUDA `device` for `head_dim` (None: they can, or no triton): read once
+    per (device, head dim) and warned about once; those statistics take the torch path, the same numbers, slower
+    (`triton_stats.cuda_device_problem`). `AttentionCapture` asks when built, so this is decided at start-up."""
+    if not _triton_installed():
+        return None
+    from verl_anchor.kernels import triton_stats
+
+    return triton_stats.cuda_device_problem(torch.cuda.current_device() if device.index is None else device.index,
+                                            head_dim)
 
 
 @functools.cache
@@ -192,20 +235,22 @@ def packed_token_stats(
     of them, `Hq`); query head h reads key head h // (Hq / Hkv). Float32 results (float64 inputs stay
     float64 on the torch path); `fai` is divided by |T(s)| within each sequence, NaN where T(s) is empty.
     `chunk_size`: queries per step of the torch path (`metrics.token_stats`); the kernels have their own tiles.
+
+    Both backends get the same checked inputs: `metrics.prepare_qk` (shapes, one dtype, unit stride along D),
+    then the tokens, device and boundaries of `cu_seqlens` (read once per `PackedSequences`: one host sync
+    where the caller did not give `host_bounds`) and a head slice that starts at a key-head group.
     """
+    q, k = prepare_qk(q, k)
     sequences = cu_seqlens if isinstance(cu_seqlens, PackedSequences) else PackedSequences(cu_seqlens, q.shape[1])
-    _check_inputs(q, k, sequences)
     num_heads, _, head_dim = q.shape
     total = num_heads if num_heads_total is None else num_heads_total
-    if head_offset < 0 or head_offset + num_heads > total:
-        raise ValueError(f"heads {head_offset}..{head_offset + num_heads - 1} are outside 0..{total - 1} "
-                         f"(head_offset={head_offset}, num_heads_total={num_heads_total})")
+    _check_inputs(q, k, sequences, head_offset, total)
     scale = head_dim**-0.5 if scale is None else scale
     if select_backend(q) == "triton":
         from verl_anchor.kernels import triton_stats
 
-        row_span, waad, fai = triton_stats.packed_stats(q, k, sequences.tiles(triton_stats.TILE), cfg.window,
-                                                        cfg.fai_h_lo, cfg.fai_h_hi, scale)
+        tiles = sequences.tiles(triton_stats.block_sizes(q.dtype)[0])  # the launcher's tile for this dtype
+        row_span, waad, fai = triton_stats.packed_stats(q, k, tiles, cfg.window, cfg.fai_h_lo, cfg.fai_h_hi, scale)
     else:
         row_span, waad, fai = _per_sequence_stats(q, k, sequences, cfg, scale, chunk_size)
     return PackedTokenStats(row_span=row_span, waad=waad, fai=fai, sequences=sequences, head_offset=head_offset,
@@ -328,9 +373,7 @@ def packed_response_signals(
 def _per_sequence_stats(q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences, cfg: AnchorConfig,
                         scale: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch path: `metrics.token_stats` of each sequence, written into packed outputs."""
-    bounds = sequences.bounds  # read once per PackedSequences, shared by the layers of a forward
-    if bounds[0] != 0 or bounds[-1] != sequences.num_tokens or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T = {sequences.num_tokens}, got {list(bounds)}")
+    bounds = sequences.bounds  # read once per PackedSequences (by `check`), shared by the layers of a forward
     dtype = torch.promote_types(q.dtype, torch.float32)
     out = torch.empty(3, q.shape[0], q.shape[1], dtype=dtype, device=q.device)
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -340,14 +383,23 @@ def _per_sequence_stats(q: torch.Tensor, k: torch.Tensor, sequences: PackedSeque
     return out[0], out[1], out[2]
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences) -> None:
-    if q.dim() != 3 or k.dim() != 3 or q.shape[1:] != k.shape[1:]:
-        raise ValueError(f"q must be (Hq, T, D) and k (Hkv, T, D), got {tuple(q.shape)} and {tuple(k.shape)}")
-    if k.shape[0] == 0 or q.shape[0] % k.shape[0]:
-        raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of key heads ({k.shape[0]})")
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences, head_offset: int,
+                  num_heads_total: int) -> None:
+    """What both backends refuse beyond `metrics.prepare_qk`: tokens or device not those of `sequences`, bad
+    boundaries (`PackedSequences.check`), and a head slice that does not map onto its key heads."""
     if sequences.num_tokens != q.shape[1] or sequences.cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens describe {sequences.num_tokens} tokens on {sequences.cu_seqlens.device}, "
                          f"q has {q.shape[1]} on {q.device}")
+    num_heads, group = q.shape[0], q.shape[0] // k.shape[0]
+    if head_offset < 0 or head_offset + num_heads > num_heads_total:
+        raise ValueError(f"heads {head_offset}..{head_offset + num_heads - 1} are outside 0..{num_heads_total - 1} "
+                         f"(head_offset={head_offset}, num_heads_total={num_heads_total})")
+    # Query head h reads key head h // group of `k`: right only if the slice starts at a group boundary.
+    if head_offset % group or num_heads_total % group:
+        raise ValueError(f"query heads {head_offset}..{head_offset + num_heads - 1} of {num_heads_total} with "
+                         f"{k.shape[0]} key head(s) ({group} query heads per key head) cross a key-head group: "
+                         f"start the slice at a multiple of {group} and pass the key heads its groups read")
+    sequences.check()
 
 
 def _response_lengths(stats: PackedTokenStats, response_lengths: torch.Tensor) -> torch.Tensor:

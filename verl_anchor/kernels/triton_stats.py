@@ -21,15 +21,22 @@ integers `t - s` within a sequence, never absolute positions.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-TILE = 64  # tokens per program: query tile of the row pass, key tile of the FAI pass
+TILE = 64  # tokens per program: query tile of the row pass, key tile of the FAI pass (16-bit inputs)
 INNER = 64  # tokens per step inside a program (key step of the row pass, query step of the FAI pass)
+# float32 dots run on CUDA cores (input_precision="ieee"), each thread holding its rows and columns of both
+# operands over all of D: at 64 x 64 (and 32 x 32) the row pass spills on sm_80/sm_90 (D=128: ~28 KB of spill
+# stores); 16 x 16 compiles clean (tests/test_kernels_compile.py, docs/performance.md).
+FLOAT32_TILE = FLOAT32_INNER = 16
 _LOG2E = math.log2(math.e)  # scores go to exp2
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -135,34 +142,93 @@ def _fai_pass(Q, K, TILES, LSE2, FAI, stride_qh, stride_qt, stride_kh, stride_kt
     tl.store(FAI + head * num_tokens + keys, fai.to(tl.float32), mask=keys < seq_end)
 
 
+LAUNCH_OPTIONS = dict(num_warps=4, num_stages=2)
+MAX_BLOCK_D = 128  # the largest head-dim block the compile check (tests/test_kernels_compile.py) covers
+CHECKED_MAJORS = (8, 9)  # compute capabilities compiled and checked: sm_80 and sm_90 (and their 8.x/9.x kin)
+
+
+def block_sizes(dtype: torch.dtype) -> tuple[int, int]:
+    """`(tile, inner)` the launcher uses for inputs of `dtype`: the sizes that compile without spills."""
+    return (FLOAT32_TILE, FLOAT32_INNER) if dtype == torch.float32 else (TILE, INNER)
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def launch_constexprs(dtype: torch.dtype, head_dim: int, group: int, window: int, fai_h_lo: int,
+                      fai_h_hi: int | None, tile: int, inner: int) -> tuple[dict, dict]:
+    """The compile-time constants of the row pass and of the FAI pass of one call (the compile check
+    compiles exactly these). FAI_HI < 0: unbounded horizon."""
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
+                  DOT_PRECISION="ieee" if dtype == torch.float32 else None)
+    return (dict(common, WINDOW=window, BLOCK_M=tile, BLOCK_N=inner),
+            dict(common, FAI_LO=fai_h_lo, FAI_HI=-1 if fai_h_hi is None else fai_h_hi, BLOCK_M=inner, BLOCK_N=tile))
+
+
+def shared_memory_bytes(dtype: torch.dtype, head_dim: int) -> int:
+    """Shared memory per program the kernels need for `dtype` inputs: a query and a key block of `BLOCK_D`
+    (pipelined operands) plus row scratch. An upper bound of what triton allocates: the compile check asserts
+    it for every combination the launcher uses."""
+    tile, inner = block_sizes(dtype)
+    return (tile + inner) * block_d(head_dim) * dtype.itemsize + 16 * (tile + inner)
+
+
+def device_problem(capability: tuple[int, int], shared_memory_per_block: int | None, head_dim: int) -> str | None:
+    """Why the kernels cannot run on a CUDA device of `capability` with `shared_memory_per_block` bytes (opt-in
+    maximum; None: unknown, not checked) for `head_dim`; None where they can."""
+    major, minor = capability
+    if major not in CHECKED_MAJORS:
+        return (f"compute capability {major}.{minor}: the kernels are compiled and checked for sm_80 and sm_90 "
+                "(on sm_75 the row pass spills registers and is at the shared-memory limit)")
+    if block_d(head_dim) > MAX_BLOCK_D:
+        return f"head dim {head_dim}: the kernels are compiled and checked for head dims up to {MAX_BLOCK_D}"
+    need = max(shared_memory_bytes(dtype, head_dim) for dtype in (torch.float16, torch.float32))  # bf16 = fp16
+    if shared_memory_per_block is not None and need > shared_memory_per_block:
+        return (f"head dim {head_dim} needs {need} bytes of shared memory per block, the device allows "
+                f"{shared_memory_per_block}")
+    return None
+
+
+@functools.cache
+def cuda_device_problem(index: int, head_dim: int) -> str | None:
+    """`device_problem` of CUDA device `index`, read from torch's device properties once; a problem is logged
+    once, as a warning. Falling back rather than refusing: the torch path computes the same statistics (both
+    are tested against one reference), so an older card or a wide head still trains, only slower."""
+    shared = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    problem = device_problem(torch.cuda.get_device_capability(index), shared, head_dim)
+    if problem is not None:
+        logger.warning("attention statistics on cuda:%d take the torch path (the same numbers, slower) instead of "
+                       "the Triton kernels: %s", index, problem)
+    return problem
+
+
 def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: int, fai_h_lo: int,
-                 fai_h_hi: int | None, scale: float, tile: int = TILE,
-                 inner: int = INNER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 fai_h_hi: int | None, scale: float, tile: int | None = None,
+                 inner: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(row_span, waad, fai)`, each `(Hq, T)` float32, of packed `q (Hq, T, D)`, `k (Hkv, T, D)`.
 
     `tiles (P, 3)` int32: per program `(sequence start, sequence end, tile start)` for tiles of
-    `tile` tokens (`PackedSequences.tiles(tile)`); `tile` must be a multiple of `inner`. Two launches.
+    `tile` tokens (`PackedSequences.tiles(tile)`); `tile` must be a multiple of `inner`; both default to
+    `block_sizes(q.dtype)`, the sizes the compile check verifies (other sizes: interpreter tests). Two launches.
+    The inputs are trusted: `stats_engine.packed_token_stats` checks them (one check for both backends:
+    one dtype, unit stride along D, boundaries within T, head slice, option bounds of `AnchorConfig`).
     """
     num_heads, num_tokens, head_dim = q.shape
+    default_tile, default_inner = block_sizes(q.dtype)
+    tile, inner = tile or default_tile, inner or default_inner
     if tile % inner:
         raise ValueError(f"tile={tile} must be a multiple of inner={inner}")
-    q, k = _unit_last_stride(q), _unit_last_stride(k)
     row_span, waad, fai, lse2 = (torch.empty(num_heads, num_tokens, dtype=torch.float32, device=q.device)
                                  for _ in range(4))
     if tiles.shape[0] == 0 or num_heads == 0:  # nothing to launch (T = 0 and no sequences)
         return row_span, waad, fai
-    common = dict(GROUP=num_heads // k.shape[0], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2)
+    row, band = launch_constexprs(q.dtype, head_dim, num_heads // k.shape[0], window, fai_h_lo, fai_h_hi, tile, inner)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_tokens, scale * _LOG2E)
     grid = (tiles.shape[0], num_heads)
-    _row_pass[grid](q, k, tiles, row_span, waad, lse2, *strides, WINDOW=window, BLOCK_M=tile, BLOCK_N=inner, **common)
-    _fai_pass[grid](q, k, tiles, lse2, fai, *strides, FAI_LO=fai_h_lo, FAI_HI=-1 if fai_h_hi is None else fai_h_hi,
-                    BLOCK_M=inner, BLOCK_N=tile, **common)
+    _row_pass[grid](q, k, tiles, row_span, waad, lse2, *strides, **row, **LAUNCH_OPTIONS)
+    _fai_pass[grid](q, k, tiles, lse2, fai, *strides, **band, **LAUNCH_OPTIONS)
     return row_span, waad, fai
-
-
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 KERNELS = (_row_pass, _fai_pass)  # every launch of this module goes through one of these (launch counting)
