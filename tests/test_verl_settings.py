@@ -186,23 +186,23 @@ def test_megatron_refusal_names_a_fix_after_which_verl_builds_the_fsdp_engine(mo
     assert fixed.actor_rollout_ref.ref.strategy == "fsdp" and fixed.critic.strategy == "fsdp"
 
 
-def test_a_configured_critic_makes_the_base_gae():
-    """ppo_trainer/run_qwen3_8b_fsdp.sh: a critic model, rollout.n=1, adv_estimator replaced by the anchor name."""
+def test_a_critic_turned_on_makes_the_base_gae():
     from verl.trainer.ppo.utils import need_critic
 
-    config = compose_verl(BASE + ["critic.model.path=/m/critic"], responses=1)
+    config = compose_verl(BASE + ["critic.enable=true", "critic.model.path=/m/critic"], responses=1)
     assert prepare_config(config).base_estimator == "gae"
     assert need_critic(config) and config.critic.model.path == "/m/critic"
-    assert read_settings(compose_verl(BASE + ["critic.enable=true"], responses=1)).base_estimator == "gae"
 
 
-def test_one_response_per_prompt_without_a_critic_is_refused_naming_the_base_option():
+def test_ppo_example_with_one_response_is_refused_naming_the_base_option():
+    """ppo_trainer/run_qwen3_8b_fsdp.sh: adv_estimator=gae replaced by the anchor name, a critic model, rollout.n=1."""
     with pytest.raises(ValueError) as err:
-        read_settings(compose_verl(BASE, responses=1))
-    assert "algorithm.anchor.base_estimator is unset and actor_rollout_ref.rollout.n=1" in str(err.value)
-    # A critic turned off explicitly is no critic, whatever its model path says.
-    with pytest.raises(ValueError, match="rollout.n=1"):
-        read_settings(compose_verl(BASE + ["critic.enable=false", "critic.model.path=/m/critic"], responses=1))
+        read_settings(compose_verl(BASE + ["critic.model.path=/m/critic"], responses=1))
+    message = str(err.value)
+    assert "algorithm.anchor.base_estimator is unset and actor_rollout_ref.rollout.n=1" in message
+    assert "set +algorithm.anchor.base_estimator=gae" in message
+    with pytest.raises(ValueError, match="rollout.n=1 without critic.enable=true"):
+        read_settings(compose_verl(BASE + ["critic.enable=false"], responses=1))
 
 
 def test_an_explicit_base_always_wins():
@@ -216,4 +216,4 @@ def test_the_chosen_base_and_why_are_logged_once(caplog):
     with caplog.at_level("WARNING", logger="verl_anchor.integration.settings"):
         read_settings(compose_verl(BASE, responses=4))
     lines = [r.getMessage() for r in caplog.records if "base estimator" in r.getMessage()]
-    assert lines == ["verl_anchor: anchor_coupled runs on the grpo base estimator (no critic configured, rollout.n=4)"]
+    assert lines == ["verl_anchor: anchor_coupled runs on the grpo base estimator (critic.enable is not true, rollout.n=4)"]

@@ -31,7 +31,7 @@ ANCHOR_ESTIMATORS: dict[str, str] = {
 }
 # The first version's trainer mode; kept as an alias of verl's "sync" so old command lines still run.
 LEGACY_TRAINER_MODE = "anchor_sync"
-# The base when the config names no critic and algorithm.anchor.base_estimator is unset.
+# The base when algorithm.anchor.base_estimator is unset and critic.enable is not true.
 DEFAULT_BASE_ESTIMATOR = "grpo"
 # verl 0.9.1's placeholder for critic.model.path (trainer/config/critic/critic.yaml): never a real model.
 VERL_PLACEHOLDER_CRITIC_PATH = "~/models/deepseek-llm-7b-chat"
@@ -169,29 +169,25 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
 def choose_base_estimator(config: DictConfig, explicit: Any) -> tuple[str, str]:
     """The estimator whose advantages gamma scales, and why; an explicit `algorithm.anchor.base_estimator` wins.
 
-    Otherwise it follows the rest of the config, since the estimator the user replaced by the anchor
-    name is gone from it: a configured critic (critic.enable=true, or a critic.model.path of its own
-    while critic.enable is unset, as verl's PPO examples write it) means gae; else grpo, which is
-    refused with rollout.n=1 (a group of one response: its advantage is the raw reward).
+    Otherwise it follows verl's own critic switch, since the estimator the user replaced by the
+    anchor name is gone from the config: `critic.enable=true` means gae; else grpo, refused with
+    rollout.n=1 (a group of one response: its advantage would be the raw reward). A critic model
+    path alone is no switch: verl builds no critic from it unless the estimator is gae.
     """
     if explicit is not None:
         return str(explicit), "algorithm.anchor.base_estimator"
     critic = config.get("critic", None) or {}
-    enable = critic.get("enable", None)
-    critic_path = (critic.get("model", None) or {}).get("path", VERL_PLACEHOLDER_CRITIC_PATH)
-    if enable is True:
+    if critic.get("enable", None) is True:
         return "gae", "critic.enable=true"
-    if enable is None and critic_path != VERL_PLACEHOLDER_CRITIC_PATH:
-        return "gae", f"critic.model.path={critic_path} configures a critic"
     responses = int(config.actor_rollout_ref.rollout.get("n", 1))
     if responses == 1:
         raise ValueError(
-            f"algorithm.anchor.base_estimator is unset and actor_rollout_ref.rollout.n=1 with no critic: the default "
-            f"base {DEFAULT_BASE_ESTIMATOR} would compare each response with a group of one (its advantage would be "
-            "the raw reward); set actor_rollout_ref.rollout.n>1, or name the base, e.g. "
-            "+algorithm.anchor.base_estimator=gae (with a critic) or reinforce_plus_plus"
+            "algorithm.anchor.base_estimator is unset and actor_rollout_ref.rollout.n=1 without critic.enable=true: "
+            f"the default base {DEFAULT_BASE_ESTIMATOR} would compare each response with a group of one (its "
+            "advantage would be the raw reward); for PPO with a critic set +algorithm.anchor.base_estimator=gae, "
+            "for a group base set actor_rollout_ref.rollout.n>1, or name another base (e.g. reinforce_plus_plus)"
         )
-    return DEFAULT_BASE_ESTIMATOR, f"no critic configured, rollout.n={responses}"
+    return DEFAULT_BASE_ESTIMATOR, f"critic.enable is not true, rollout.n={responses}"
 
 
 def _check_not_a_typo(estimator: str) -> None:
