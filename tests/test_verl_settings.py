@@ -10,10 +10,12 @@ from verl_anchor.integration.settings import prepare_config, read_settings
 BASE = ["algorithm.adv_estimator=anchor_coupled"]
 
 
-def compose_verl(overrides):
+def compose_verl(overrides, config_name="ppo_trainer", responses=2):
+    """verl's own config as a launch script composes it; GRPO-style groups of `responses` unless overridden."""
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        return compose(config_name="ppo_trainer", overrides=overrides)
+        return compose(config_name=config_name,
+                       overrides=[f"actor_rollout_ref.rollout.n={responses}", *overrides])
 
 
 def test_defaults_resolve_to_the_spec_defaults():
@@ -155,3 +157,63 @@ def test_the_math_rewards_options_are_checked_in_the_driver(monkeypatch):
     monkeypatch.setattr(math_verify_pool.importlib, "import_module", missing)
     with pytest.raises(ImportError, match="the math reward needs math-verify"):
         verl_config.validate_config(config, use_reference_policy=False, use_critic=False)
+
+
+def test_megatron_refusal_names_a_fix_after_which_verl_builds_the_fsdp_engine(monkeypatch):
+    """run_qwen3_8b_megatron.sh composes ppo_megatron_trainer; verl picks the actor's engine from its config class."""
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.engine import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    script = BASE + ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"]
+    with pytest.raises(ValueError) as err:
+        read_settings(compose_verl(script, config_name="ppo_megatron_trainer"))
+    assert "McoreActorConfig (model_engine=megatron)" in str(err.value) and "set model_engine=dp" in str(err.value)
+
+    # The old advice, actor.strategy=fsdp, leaves verl building a Megatron engine: still refused.
+    old_fix = compose_verl(script + ["actor_rollout_ref.actor.strategy=fsdp"], config_name="ppo_megatron_trainer")
+    assert omega_conf_to_dataclass(old_fix.actor_rollout_ref.actor).engine.strategy == "megatron"
+    with pytest.raises(ValueError, match="set model_engine=dp"):
+        read_settings(old_fix)
+
+    fixed = compose_verl(script + ["model_engine=dp"], config_name="ppo_megatron_trainer")
+    assert read_settings(fixed).cfg.strategy == "coupled"
+    # What verl's ActorRolloutRefWorker does with that config (workers/engine_workers.py, TrainingWorker).
+    engine_config = omega_conf_to_dataclass(fixed.actor_rollout_ref.actor).engine
+    monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", "nvidia")
+    assert EngineRegistry.get_engine_cls("language_model", engine_config.strategy) is FSDPEngineWithLMHead
+    assert fixed.actor_rollout_ref.ref.strategy == "fsdp" and fixed.critic.strategy == "fsdp"
+
+
+def test_a_critic_turned_on_makes_the_base_gae():
+    from verl.trainer.ppo.utils import need_critic
+
+    config = compose_verl(BASE + ["critic.enable=true", "critic.model.path=/m/critic"], responses=1)
+    assert prepare_config(config).base_estimator == "gae"
+    assert need_critic(config) and config.critic.model.path == "/m/critic"
+
+
+def test_ppo_example_with_one_response_is_refused_naming_the_base_option():
+    """ppo_trainer/run_qwen3_8b_fsdp.sh: adv_estimator=gae replaced by the anchor name, a critic model, rollout.n=1."""
+    with pytest.raises(ValueError) as err:
+        read_settings(compose_verl(BASE + ["critic.model.path=/m/critic"], responses=1))
+    message = str(err.value)
+    assert "algorithm.anchor.base_estimator is unset and actor_rollout_ref.rollout.n=1" in message
+    assert "set +algorithm.anchor.base_estimator=gae" in message
+    with pytest.raises(ValueError, match="rollout.n=1 without critic.enable=true"):
+        read_settings(compose_verl(BASE + ["critic.enable=false"], responses=1))
+
+
+def test_an_explicit_base_always_wins():
+    for base in ("rloo", "grpo", "reinforce_plus_plus"):
+        config = compose_verl(BASE + [f"+algorithm.anchor.base_estimator={base}", "critic.model.path=/m/critic"],
+                              responses=1)
+        assert read_settings(config).base_estimator == base
+
+
+def test_the_chosen_base_and_why_are_logged_once(caplog):
+    with caplog.at_level("WARNING", logger="verl_anchor.integration.settings"):
+        read_settings(compose_verl(BASE, responses=4))
+    lines = [r.getMessage() for r in caplog.records if "base estimator" in r.getMessage()]
+    assert lines == ["verl_anchor: anchor_coupled runs on the grpo base estimator (critic.enable is not true, rollout.n=4)"]

@@ -29,7 +29,8 @@ UIDS = ["p0", "p0", "p1", "p1"]
 def compose_verl(overrides):
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        return compose(config_name="ppo_trainer", overrides=["actor_rollout_ref.rollout.name=hf", *overrides])
+        return compose(config_name="ppo_trainer",
+                       overrides=["actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.n=2", *overrides])
 
 
 def nested(rows):

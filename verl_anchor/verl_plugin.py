@@ -1,9 +1,18 @@
 """verl plugin entry point (`verl.plugins` group): loaded by `import verl` in every process.
 
-Registers the `anchor_*` advantage estimators and the CPU platform and HF rollout of
-`verl_anchor.cpu`; wraps verl's `get_trainer_cls` so every v1 trainer mode comes back with the
-anchor step (`integration.trainer`), and puts the anchor checks in front of verl's
-`validate_config`, so a bad `algorithm.anchor.*` fails in the driver before Ray starts.
+`import verl` runs this in every driver, TaskRunner and Ray worker, so it stays cheap: it wraps
+two functions verl has already imported and defers the rest until verl imports the module
+concerned (`_after_import`), so a process that never trains pays nothing for it:
+
+- `verl.utils.config.validate_config` gets the anchor completion and checks in front, so a bad
+  `algorithm.anchor.*` fails in the driver before Ray starts;
+- `verl.utils.device.auto_set_device`, the first thing `fully_async_main` calls, refuses the
+  anchor estimators in the pipelines that never run the anchor step (`check_entry_point`);
+- on import of `verl.trainer.ppo.core_algos`: the `anchor_*` estimator names are registered;
+- on import of `verl.trainer.ppo.v1`: `get_trainer_cls` is wrapped, so every v1 trainer mode comes
+  back with the anchor step (`integration.trainer`);
+- the CPU platform and HF rollout of `verl_anchor.cpu`: at once under `VERL_PLATFORM=cpu` (verl
+  resolves the platform early), else on import of `verl.workers.rollout` (for `rollout.name=hf`).
 
 verl swallows plugin import errors at DEBUG level; this module logs its own at WARNING,
 with the traceback, so a broken install is visible.
@@ -12,9 +21,66 @@ with the traceback, so a broken install is visible.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.abc
 import logging
+import os
+import sys
+from collections.abc import Callable
+from types import ModuleType
 
 logger = logging.getLogger("verl_anchor")
+
+# module name -> what to do with it once it has executed (each runs once per process).
+_AFTER_IMPORT: dict[str, Callable[[ModuleType], None]] = {}
+
+
+class _AfterImportFinder(importlib.abc.MetaPathFinder):
+    """Finds the modules of `_AFTER_IMPORT` with the other finders and runs their patch right after they execute,
+    before the importer gets the module back (so `from module import name` already sees the patched name)."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _AFTER_IMPORT:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            execute = spec.loader.exec_module  # the loader object is this spec's own
+
+            def exec_module(module: ModuleType) -> None:
+                execute(module)
+                _run_patch(name, module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+_FINDER = _AfterImportFinder()
+
+
+def _run_patch(name: str, module: ModuleType) -> None:
+    patch = _AFTER_IMPORT.pop(name, None)
+    if patch is None:
+        return
+    try:
+        patch(module)
+    except Exception:  # noqa: BLE001 - an import of verl must not fail because of the plugin; make it loud
+        logger.warning("verl_anchor failed to patch %s; anchor estimators may be unavailable", name, exc_info=True)
+
+
+def _after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Run `patch(module)` once `name` is imported: now if it already is, else right after its import."""
+    _AFTER_IMPORT[name] = patch
+    if name in sys.modules:
+        _run_patch(name, sys.modules[name])
+    elif _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
 
 
 def _with_anchor_checks(validate_config):
@@ -43,6 +109,22 @@ def _with_anchor_checks(validate_config):
     return validate
 
 
+def _with_entry_point_check(auto_set_device):
+    """verl's `auto_set_device` (every entry point's first call on the config), preceded by `check_entry_point`."""
+    if getattr(auto_set_device, "_verl_anchor", False):
+        return auto_set_device
+
+    @functools.wraps(auto_set_device)
+    def set_device(config, *args, **kwargs):
+        from verl_anchor.integration.settings import check_entry_point
+
+        check_entry_point(config)
+        return auto_set_device(config, *args, **kwargs)
+
+    set_device._verl_anchor = True
+    return set_device
+
+
 def _with_anchor_trainers(get_trainer_cls):
     """verl's `get_trainer_cls`, returning the anchor variant of each mode's class (idempotent wrapper)."""
     if getattr(get_trainer_cls, "_verl_anchor", False):
@@ -59,23 +141,36 @@ def _with_anchor_trainers(get_trainer_cls):
     return lookup
 
 
-def register() -> None:
-    """Register everything with verl. Safe to call more than once."""
-    import verl.utils.config as verl_config
-
-    from verl_anchor import cpu
-
-    cpu.register()  # first: importing the trainer resolves verl's platform, which may be "cpu"
-
-    import verl.trainer.ppo.v1 as v1
-    from verl.trainer.ppo.v1 import trainer_base
-
+def _register_estimators(core_algos: ModuleType) -> None:
     from verl_anchor.integration.estimator import register_estimators
 
     register_estimators()
-    verl_config.validate_config = _with_anchor_checks(verl_config.validate_config)
+
+
+def _wrap_trainer_lookup(v1: ModuleType) -> None:
+    from verl.trainer.ppo.v1 import trainer_base
+
     # main_ppo's TaskRunner reads the package attribute at call time; trainer_base's for other callers.
     v1.get_trainer_cls = trainer_base.get_trainer_cls = _with_anchor_trainers(trainer_base.get_trainer_cls)
+
+
+def _register_cpu_mode(rollout: ModuleType | None = None) -> None:
+    importlib.import_module("verl_anchor.cpu")  # registers the platform and the hf rollout on import
+
+
+def register() -> None:
+    """Register everything with verl (the heavy parts on import of the verl module they patch). Idempotent."""
+    import verl.utils.config as verl_config
+    import verl.utils.device as verl_device
+
+    if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu":
+        _register_cpu_mode()  # first: importing verl's trainer resolves the platform
+    else:
+        _after_import("verl.workers.rollout", _register_cpu_mode)
+    verl_config.validate_config = _with_anchor_checks(verl_config.validate_config)
+    verl_device.auto_set_device = _with_entry_point_check(verl_device.auto_set_device)
+    _after_import("verl.trainer.ppo.core_algos", _register_estimators)
+    _after_import("verl.trainer.ppo.v1", _wrap_trainer_lookup)
 
 
 try:

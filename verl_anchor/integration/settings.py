@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import logging
 import os
 from typing import Any
@@ -30,6 +31,7 @@ ANCHOR_ESTIMATORS: dict[str, str] = {
 }
 # The first version's trainer mode; kept as an alias of verl's "sync" so old command lines still run.
 LEGACY_TRAINER_MODE = "anchor_sync"
+# The base when algorithm.anchor.base_estimator is unset and critic.enable is not true.
 DEFAULT_BASE_ESTIMATOR = "grpo"
 # verl 0.9.1's placeholder for critic.model.path (trainer/config/critic/critic.yaml): never a real model.
 VERL_PLACEHOLDER_CRITIC_PATH = "~/models/deepseek-llm-7b-chat"
@@ -88,6 +90,33 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
     return settings
 
 
+def check_entry_point(config: DictConfig) -> None:
+    """Refuse the anchor estimators in a verl entry point that never runs the anchor trainer.
+
+    `python -m verl.experimental.fully_async_policy.fully_async_main` (verl's fully-async DAPO
+    examples; its config is the one with an `async_training` block) runs its own FullyAsyncTrainer:
+    neither the v1 trainer lookup nor `validate_config` is called, so without this the run would
+    die at its first advantage step, after the model load and a rollout.
+    """
+    estimator = str(config.algorithm.adv_estimator)
+    if estimator in ANCHOR_ESTIMATORS and "async_training" in config:
+        raise ValueError(
+            f"algorithm.adv_estimator={estimator} is not supported by "
+            "python -m verl.experimental.fully_async_policy.fully_async_main: its FullyAsyncTrainer never runs the "
+            "anchor step; launch python -m verl.trainer.main_ppo instead (trainer.v1.trainer_mode=separate_async "
+            "puts the rollout on GPUs of its own), or choose a plain estimator such as grpo"
+        )
+
+
+def _check_transfer_queue(estimator: str) -> None:
+    """verl's v1 trainer, which runs the anchor step, moves every batch through TransferQueue (verl[verl-core])."""
+    if importlib.util.find_spec("transfer_queue") is None:
+        raise ImportError(
+            f"algorithm.adv_estimator={estimator} runs in verl's v1 trainer, which needs TransferQueue, and it is "
+            "not installed: pip install 'verl[verl-core]'"
+        )
+
+
 def read_settings(config: DictConfig) -> AnchorSettings | None:
     """The anchor settings of a full verl config, or None when no anchor estimator is selected.
 
@@ -101,11 +130,12 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
             logger.warning("verl_anchor: algorithm.anchor.* is ignored with algorithm.adv_estimator=%s; "
                            "an anchor_* estimator turns the method on", estimator)
         return None
+    _check_transfer_queue(estimator)
     if not config.trainer.get("use_v1", True):
         raise ValueError(f"algorithm.adv_estimator={estimator} needs verl's v1 trainer (the legacy trainer never "
                          "runs the anchor step): set trainer.use_v1=true")
     options = anchor_block(config)
-    base = options.pop("base_estimator", DEFAULT_BASE_ESTIMATOR)
+    base, why = choose_base_estimator(config, options.pop("base_estimator", None))
     enable = options.pop("enable", True)
     dump_dir = options.pop("dump_dir", None)
     if dump_dir is not None and (not isinstance(dump_dir, str) or not dump_dir or os.path.isfile(dump_dir)):
@@ -132,7 +162,32 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
         )
     if cfg.needs_attention:
         _check_attention_backend(config, estimator)
+    logger.warning("verl_anchor: %s runs on the %s base estimator (%s)", estimator, base, why)
     return AnchorSettings(cfg=cfg, estimator=estimator, base_estimator=base, dump_dir=dump_dir)
+
+
+def choose_base_estimator(config: DictConfig, explicit: Any) -> tuple[str, str]:
+    """The estimator whose advantages gamma scales, and why; an explicit `algorithm.anchor.base_estimator` wins.
+
+    Otherwise it follows verl's own critic switch, since the estimator the user replaced by the
+    anchor name is gone from the config: `critic.enable=true` means gae; else grpo, refused with
+    rollout.n=1 (a group of one response: its advantage would be the raw reward). A critic model
+    path alone is no switch: verl builds no critic from it unless the estimator is gae.
+    """
+    if explicit is not None:
+        return str(explicit), "algorithm.anchor.base_estimator"
+    critic = config.get("critic", None) or {}
+    if critic.get("enable", None) is True:
+        return "gae", "critic.enable=true"
+    responses = int(config.actor_rollout_ref.rollout.get("n", 1))
+    if responses == 1:
+        raise ValueError(
+            "algorithm.anchor.base_estimator is unset and actor_rollout_ref.rollout.n=1 without critic.enable=true: "
+            f"the default base {DEFAULT_BASE_ESTIMATOR} would compare each response with a group of one (its "
+            "advantage would be the raw reward); for PPO with a critic set +algorithm.anchor.base_estimator=gae, "
+            "for a group base set actor_rollout_ref.rollout.n>1, or name another base (e.g. reinforce_plus_plus)"
+        )
+    return DEFAULT_BASE_ESTIMATOR, f"critic.enable is not true, rollout.n={responses}"
 
 
 def _check_not_a_typo(estimator: str) -> None:
@@ -168,12 +223,21 @@ def _check_base_estimator(config: DictConfig, base: str) -> None:
         raise ValueError(f"algorithm.anchor.base_estimator={base} is not a registered verl estimator; "
                          f"choose one of {', '.join(plain)}")
     if base == "gae" and config.critic.get("enable", None) is False:
-        raise ValueError("algorithm.anchor.base_estimator=gae needs verl's critic for its values, but critic.enable=false: "
-                         "set critic.enable=true (or leave it unset)")
+        raise ValueError("algorithm.anchor.base_estimator=gae needs verl's critic for its values, but "
+                         "critic.enable=false: set critic.enable=true (or leave it unset)")
 
 
 def _check_attention_backend(config: DictConfig, estimator: str) -> None:
     actor = config.actor_rollout_ref.actor
+    engine = actor_engine(actor)
+    if engine is not None:
+        raise ValueError(
+            f"actor_rollout_ref.actor is verl's {engine} (model_engine={config.get('model_engine', None)}), which "
+            f"builds its own engine whatever actor_rollout_ref.actor.strategy says; {estimator} captures its "
+            "statistics from Hugging Face attention modules, which only verl's FSDP engines run: set model_engine=dp "
+            "(also with --config-name=ppo_megatron_trainer) and drop the actor_rollout_ref.*.megatron.* overrides, "
+            "or use anchor_random / anchor_entropy"
+        )
     strategy = actor.get("strategy", "fsdp")
     if strategy not in ("fsdp", "fsdp2"):
         raise ValueError(
@@ -192,3 +256,21 @@ def _check_attention_backend(config: DictConfig, estimator: str) -> None:
                 f"attention function sees only a slice of every sequence's keys (docs/usage.md); set {key}=1, "
                 "or use anchor_random / anchor_entropy"
             )
+
+
+def actor_engine(actor: DictConfig) -> str | None:
+    """The actor config class's name when it is not verl's FSDP one, else None.
+
+    verl 0.9.1 builds the actor's engine from the dataclass that the block's `_target_` names
+    (`workers/config/actor.py`): FSDPActorConfig hands its `strategy` to the FSDP engine, the other
+    classes (McoreActorConfig, ...) build their own engine and ignore `strategy`. The hydra group
+    `model_engine` (dp, megatron, ...) chooses that class.
+    """
+    target = actor.get("_target_", None)
+    if target is None:  # a hand-built block: verl's default class
+        return None
+    from hydra.utils import get_class
+    from verl.workers.config import FSDPActorConfig
+
+    target_cls = get_class(target)
+    return None if issubclass(target_cls, FSDPActorConfig) else target_cls.__name__
