@@ -38,6 +38,7 @@ def test_defaults_are_the_spec_table():
         ({"k": 2**40}, "k=1099511627776 is invalid: use an integer in 1..16777216"),
         ({"head_quantile": 0.6}, "head_quantile=0.6 is invalid: use a finite number in (0, 0.5]"),
         ({"num_layers": 0}, "num_layers=0 is invalid"),
+        ({"num_layers": 10**9}, "num_layers=1000000000 is invalid"),
         ({"layers": []}, "layers=() is invalid"),
         ({"layers": [3, 3]}, "layers=[3, 3] has duplicates"),
         ({"layers": [-1]}, "layers[...]=-1 is invalid"),

@@ -21,6 +21,9 @@ MAX_GAMMA_AMP = 100.0
 # Largest token offset an option may name (window, FAI horizon, coupled look-back): 16.7M tokens, longer than
 # any sequence, and small enough that a token index plus an offset never overflows the kernels' int32.
 MAX_OFFSET = 2**24
+# No decoder has more layers (the largest open models have ~130): more is a typo, and select_layers'
+# linspace would allocate num_layers floats (1e9: 8 GB) before deduplicating them.
+MAX_LAYERS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,7 @@ class AnchorConfig:
         _check_real("gamma_amp", self.gamma_amp, low=0.0, high=MAX_GAMMA_AMP, low_open=True)
         # Above 0.5 the local and the global group would share heads.
         _check_real("head_quantile", self.head_quantile, low=0.0, high=0.5, low_open=True)
-        _check_int("num_layers", self.num_layers, minimum=1)
+        _check_int("num_layers", self.num_layers, minimum=1, maximum=MAX_LAYERS)
         if self.layers is not None:
             if not isinstance(self.layers, tuple) or not self.layers:
                 raise ValueError(f"layers={self.layers!r} is invalid: give a non-empty list of layer indices, or None")

@@ -19,8 +19,6 @@ from pathlib import Path
 MAX_SEED = 2**63 - 1
 # Largest value a parquet int64 column (Countdown's numbers and targets) holds.
 MAX_INT64 = 2**63 - 1
-# No decoder has more layers (the largest open models have ~130): a bigger --num-layers is a typo.
-MAX_LAYERS = 256
 # Sampling temperatures (0 = greedy): below the minimum sampling is greedy in all but name and the
 # scaled logits can overflow (1e-45 makes transformers' sampler fail); above the maximum every token
 # is about equally likely (inf: exactly uniform), i.e. noise, not the model.

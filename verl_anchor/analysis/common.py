@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from verl_anchor.capture import AttentionCapture, CaptureError
-from verl_anchor.config import AnchorConfig
+from verl_anchor.config import MAX_LAYERS, AnchorConfig
 from verl_anchor.credit import select_tokens, waad_jumps
 from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, response_signals
-from verl_anchor.usage import (MAX_LAYERS, UsageError, bounded_int, in_path, layer_list, make_dir, model_ref, out_dir,
+from verl_anchor.usage import (UsageError, bounded_int, in_path, layer_list, make_dir, model_ref, out_dir,
                                seed, temperature)
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
