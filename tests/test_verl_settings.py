@@ -195,7 +195,8 @@ def test_a_critic_turned_on_makes_the_base_gae():
 
 
 def test_ppo_example_with_one_response_is_refused_naming_the_base_option():
-    """ppo_trainer/run_qwen3_8b_fsdp.sh: adv_estimator=gae replaced by the anchor name, a critic model, rollout.n=1."""
+    """ppo_trainer/run_qwen3_8b_fsdp.sh's config with gae not on the command line (pytest's argv): a critic model,
+    rollout.n=1, no critic.enable."""
     with pytest.raises(ValueError) as err:
         read_settings(compose_verl(BASE + ["critic.model.path=/m/critic"], responses=1))
     message = str(err.value)
@@ -217,3 +218,39 @@ def test_the_chosen_base_and_why_are_logged_once(caplog):
         read_settings(compose_verl(BASE, responses=4))
     lines = [r.getMessage() for r in caplog.records if "base estimator" in r.getMessage()]
     assert lines == ["verl_anchor: anchor_coupled runs on the grpo base estimator (critic.enable is not true, rollout.n=4)"]
+
+
+@pytest.mark.parametrize("argv, base", [
+    # ppo_trainer/run_qwen3_8b_fsdp.sh "$@" with the switch appended: PPO with its critic, rollout.n=1.
+    (["algorithm.adv_estimator=gae", "critic.model.path=/m/critic", "algorithm.adv_estimator=anchor_coupled"], "gae"),
+    # the RLOO example: its groups stay RLOO's.
+    (["algorithm.adv_estimator=rloo", "+algorithm.adv_estimator=anchor_coupled"], "rloo"),
+    (["algorithm.adv_estimator='reinforce_plus_plus'", "algorithm.adv_estimator=anchor_coupled"], "reinforce_plus_plus"),
+])
+def test_the_estimator_the_switch_replaced_on_the_command_line_is_the_base(monkeypatch, argv, base):
+    from verl.trainer.ppo.utils import need_critic
+
+    monkeypatch.setattr("sys.argv", ["main_ppo.py", *argv])
+    config = compose_verl(BASE + ["critic.model.path=/m/critic"], responses=1 if base == "gae" else 4)
+    assert prepare_config(config).base_estimator == base
+    # Decided once in the driver and written back, so the trainer (another process, another argv) agrees.
+    assert config.algorithm.anchor.base_estimator == base
+    assert need_critic(config) == (base == "gae")
+    monkeypatch.setattr("sys.argv", ["ray-worker"])
+    assert read_settings(config).base_estimator == base
+
+
+def test_an_explicit_base_wins_over_the_command_line(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["main_ppo.py", "algorithm.adv_estimator=rloo", *BASE])
+    config = compose_verl(BASE + ["+algorithm.anchor.base_estimator=grpo"], responses=4)
+    assert read_settings(config).base_estimator == "grpo"
+
+
+def test_replaced_estimator_reads_hydra_order():
+    from verl_anchor.integration.settings import replaced_estimator
+
+    assert replaced_estimator(["algorithm.adv_estimator=gae", *BASE]) == "gae"
+    assert replaced_estimator(BASE) is None
+    assert replaced_estimator(["algorithm.adv_estimator=gae"]) is None  # no anchor run at all
+    assert replaced_estimator(["algorithm.adv_estimator=rloo", *BASE, "algorithm.adv_estimator=grpo"]) is None
+    assert replaced_estimator(["algorithm.adv_estimator=rloo", "algorithm.adv_estimator=gae", *BASE]) == "gae"

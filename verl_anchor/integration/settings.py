@@ -13,6 +13,8 @@ import difflib
 import importlib.util
 import logging
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -77,6 +79,11 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
         with open_dict(config):
             v1.trainer_mode = "sync"
     settings = read_settings(config)
+    if settings is not None:
+        # The driver decides the base once (it alone sees the command line); the trainer reads it back.
+        with open_dict(config):
+            config.algorithm.setdefault("anchor", {})
+            config.algorithm.anchor.base_estimator = settings.base_estimator
     if settings is not None and settings.base_estimator == "gae" and config.critic.get("enable", None) is None:
         logger.warning("verl_anchor: algorithm.anchor.base_estimator=gae turns verl's critic on (critic.enable=true); "
                        "an earlier 'Disabled critic' warning from verl no longer applies")
@@ -166,16 +173,21 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
     return AnchorSettings(cfg=cfg, estimator=estimator, base_estimator=base, dump_dir=dump_dir)
 
 
-def choose_base_estimator(config: DictConfig, explicit: Any) -> tuple[str, str]:
+def choose_base_estimator(config: DictConfig, explicit: Any, argv: Sequence[str] | None = None) -> tuple[str, str]:
     """The estimator whose advantages gamma scales, and why; an explicit `algorithm.anchor.base_estimator` wins.
 
-    Otherwise it follows verl's own critic switch, since the estimator the user replaced by the
-    anchor name is gone from the config: `critic.enable=true` means gae; else grpo, refused with
-    rollout.n=1 (a group of one response: its advantage would be the raw reward). A critic model
-    path alone is no switch: verl builds no critic from it unless the estimator is gae.
+    Otherwise it follows what the user's launch says. The estimator the anchor name replaced is gone
+    from the config, but a launch script that sets `algorithm.adv_estimator=rloo` and gets the anchor
+    name appended still shows it on the command line (`argv`, default `sys.argv`): that one is the
+    base. Then verl's own critic switch: `critic.enable=true` means gae. Else grpo, refused with
+    rollout.n=1 (a group of one response: its advantage would be the raw reward). A critic model path
+    alone is no switch: verl builds no critic from it unless the estimator is gae.
     """
     if explicit is not None:
         return str(explicit), "algorithm.anchor.base_estimator"
+    replaced = replaced_estimator(sys.argv[1:] if argv is None else argv)
+    if replaced is not None:
+        return replaced, f"it replaces algorithm.adv_estimator={replaced} on the command line"
     critic = config.get("critic", None) or {}
     if critic.get("enable", None) is True:
         return "gae", "critic.enable=true"
@@ -188,6 +200,27 @@ def choose_base_estimator(config: DictConfig, explicit: Any) -> tuple[str, str]:
             "for a group base set actor_rollout_ref.rollout.n>1, or name another base (e.g. reinforce_plus_plus)"
         )
     return DEFAULT_BASE_ESTIMATOR, f"critic.enable is not true, rollout.n={responses}"
+
+
+def replaced_estimator(overrides: Sequence[str]) -> str | None:
+    """The plain estimator an anchor estimator replaced in a hydra command line, if one did.
+
+    `... algorithm.adv_estimator=gae ... algorithm.adv_estimator=anchor_coupled`: hydra keeps the last
+    value, so the config never sees `gae`; the command line still does.
+    """
+    replaced, chosen_anchor = None, False
+    for item in overrides:
+        key, sep, value = item.lstrip("+~").partition("=")
+        if not sep or key != "algorithm.adv_estimator":
+            continue
+        value = value.strip("'\"")
+        if value in ANCHOR_ESTIMATORS:
+            chosen_anchor = True
+        elif not chosen_anchor:
+            replaced = value
+        else:  # a plain estimator after the anchor one wins in hydra: no anchor run, nothing replaced
+            replaced, chosen_anchor = None, False
+    return replaced if chosen_anchor else None
 
 
 def _check_not_a_typo(estimator: str) -> None:
