@@ -247,3 +247,21 @@ def test_sigterm_to_a_real_verl_run_leaves_no_ray_or_verl_process(tmp_path: Path
         launcher.kill()
         raise
     stop_and_check(launcher, signal.SIGTERM, [pid for pid, _ in started])
+
+
+def test_ctrl_c_outside_a_verl_run_is_one_line_and_exit_130():
+    """A command busy in its own work (here the policy's evaluation) stopped by Ctrl-C: no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "verl_anchor.cli", "policy", "--evaluate"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the evaluation starts right after the recorded accuracy is printed
+            if line.startswith("recorded:"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == ["interrupted"], stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 import warnings
 from typing import NoReturn
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a verl run (a run handles its own signals: cpu.launch)
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _run(argv: list[str]) -> int:
