@@ -10,10 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_python(args, timeout=600):
+def run_python(args, timeout=600, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("VERL_PLATFORM", None)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=timeout)
 
 
@@ -34,12 +34,41 @@ def test_fully_async_main_refuses_anchor_estimators_before_ray_starts():
     assert "ray init kwargs" not in proc.stdout
 
 
+@pytest.mark.timeout(600)
+def test_one_step_off_main_refuses_anchor_estimators_before_ray_starts():
+    """verl's one-step-off-policy pipeline builds its OneStepOffRayTrainer directly: even anchor_random never runs."""
+    import verl
+
+    # Its config finds verl's ppo_trainer by the relative search path file://verl/trainer/config, so it is
+    # launched from the directory that holds verl, as verl's example scripts are from a verl checkout.
+    proc = run_python(["-m", "verl.experimental.one_step_off_policy.main_ppo", "algorithm.adv_estimator=anchor_random",
+                       "actor_rollout_ref.rollout.n=4"], cwd=Path(verl.__file__).parents[1])
+    assert proc.returncode != 0
+    assert ("algorithm.adv_estimator=anchor_random is not supported by python -m "
+            "verl.experimental.one_step_off_policy.main_ppo: its OneStepOffRayTrainer") in proc.stderr
+    assert "ray init kwargs" not in proc.stdout
+
+
 def test_the_entry_point_check_leaves_main_ppo_and_plain_estimators_alone():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
+    from verl.utils.device import auto_set_device  # the plugin's wrapper around verl's
 
     from verl_anchor.integration.settings import check_entry_point
 
     check_entry_point(OmegaConf.create({"algorithm": {"adv_estimator": "anchor_coupled"}}))  # main_ppo's config
+    check_entry_point(OmegaConf.create({"algorithm": {"adv_estimator": "anchor_coupled"}}), "verl.trainer.main_ppo")
+    # verl's SFT trainers call auto_set_device too, with a config that has no algorithm block, or with None.
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        sft = compose(config_name="sft_trainer_engine")
+    assert getattr(auto_set_device, "_verl_anchor", False)
+    auto_set_device(sft)
+    auto_set_device(None)
+    with pytest.raises(ValueError, match="anchor_coupled is not supported by python -m verl.experimental.one_step"):
+        check_entry_point(OmegaConf.create({"algorithm": {"adv_estimator": "anchor_coupled"}}),
+                          "verl.experimental.one_step_off_policy.main_ppo")
     check_entry_point(OmegaConf.create({"algorithm": {"adv_estimator": "grpo"}, "async_training": {}}))
     with pytest.raises(ValueError, match="anchor_random is not supported by python -m verl.experimental"):
         check_entry_point(OmegaConf.create({"algorithm": {"adv_estimator": "anchor_random"}, "async_training": {}}))

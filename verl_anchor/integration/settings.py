@@ -97,22 +97,46 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
     return settings
 
 
-def check_entry_point(config: DictConfig) -> None:
+# verl entry points whose trainer is built directly, never through the v1 trainer lookup, so the
+# anchor step never runs there: module -> its trainer (their configs: `async_training` block, and
+# one-step-off's top-level `rollout` block beside `actor_rollout_ref`).
+UNSUPPORTED_ENTRY_POINTS = {
+    "verl.experimental.fully_async_policy.fully_async_main": "FullyAsyncTrainer",
+    "verl.experimental.one_step_off_policy.main_ppo": "OneStepOffRayTrainer",
+}
+
+
+def check_entry_point(config: DictConfig | None, entry_point: str | None = None) -> None:
     """Refuse the anchor estimators in a verl entry point that never runs the anchor trainer.
 
-    `python -m verl.experimental.fully_async_policy.fully_async_main` (verl's fully-async DAPO
-    examples; its config is the one with an `async_training` block) runs its own FullyAsyncTrainer:
-    neither the v1 trainer lookup nor `validate_config` is called, so without this the run would
-    die at its first advantage step, after the model load and a rollout.
+    Called from verl's `auto_set_device`, the first thing every entry point does with its config
+    (SFT trainers too: their config has no `algorithm`, and verl accepts None). `entry_point`:
+    default the `python -m` module of this process. The fully-async and one-step-off pipelines
+    (`UNSUPPORTED_ENTRY_POINTS`) build their own trainers, so without this a run would die at its
+    first advantage step, after the model load and a rollout; a fully-async config launched by
+    another script is recognised by its `async_training` block.
     """
-    estimator = str(config.algorithm.adv_estimator)
-    if estimator in ANCHOR_ESTIMATORS and "async_training" in config:
+    if config is None:
+        return
+    estimator = OmegaConf.select(config, "algorithm.adv_estimator", default=None)
+    if estimator not in ANCHOR_ESTIMATORS:
+        return
+    entry_point = _main_module() if entry_point is None else entry_point
+    if entry_point not in UNSUPPORTED_ENTRY_POINTS and "async_training" in config:
+        entry_point = "verl.experimental.fully_async_policy.fully_async_main"
+    if entry_point in UNSUPPORTED_ENTRY_POINTS:
         raise ValueError(
-            f"algorithm.adv_estimator={estimator} is not supported by "
-            "python -m verl.experimental.fully_async_policy.fully_async_main: its FullyAsyncTrainer never runs the "
-            "anchor step; launch python -m verl.trainer.main_ppo instead (trainer.v1.trainer_mode=separate_async "
-            "puts the rollout on GPUs of its own), or choose a plain estimator such as grpo"
+            f"algorithm.adv_estimator={estimator} is not supported by python -m {entry_point}: its "
+            f"{UNSUPPORTED_ENTRY_POINTS[entry_point]} never runs the anchor step; launch python -m "
+            "verl.trainer.main_ppo instead (trainer.v1.trainer_mode=separate_async puts the rollout on GPUs of its "
+            "own), or choose a plain estimator such as grpo"
         )
+
+
+def _main_module() -> str | None:
+    """The module this process runs as `__main__` (`python -m NAME`), if any."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None)
 
 
 def _check_transfer_queue(estimator: str) -> None:
