@@ -265,3 +265,10 @@ def test_ctrl_c_outside_a_verl_run_is_one_line_and_exit_130():
             proc.kill()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines() == ["interrupted"], stderr
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_clear_error(capsys):
+    """/proc/self exists, so make_dir accepts it, but no file can be created in it (not even by root)."""
+    assert main(["demo", "--out", "/proc/self"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write in the output directory /proc/"), err

@@ -90,19 +90,22 @@ def _compose(config_module: str, config_name: str, overrides: list[str], what: s
 
 def validate(config: Any) -> None:
     """verl's `validate_config` as `main_ppo` calls it, then the anchor checks; `UsageError` naming the problem."""
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    from verl_anchor.integration.settings import read_settings
+    from verl_anchor.integration.settings import prepare_config
 
     _check_anchor_types(config)
     try:
+        if not getattr(validate_config, "_verl_anchor", False):  # the plugin's wrapper runs prepare_config itself
+            prepare_config(config)
         validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
-        read_settings(config)
     # verl's checks are assertions and ValueErrors about the config's values; a value of the wrong
-    # type (a list where a number belongs) surfaces as a TypeError.
-    except (AssertionError, ValueError, TypeError, OmegaConfBaseException) as err:
+    # type (a list where a number belongs) surfaces as a TypeError; a model config verl cannot build
+    # (a critic.model.path that is no model) as hydra's InstantiationException.
+    except (AssertionError, ValueError, TypeError, OmegaConfBaseException, HydraException) as err:
         raise UsageError(f"invalid config: {err}") from err
 
 

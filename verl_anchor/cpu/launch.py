@@ -71,8 +71,9 @@ def run_main_ppo(
                                         errors="replace", start_new_session=True, pass_fds=locks)
                 # The driver's process group holds the Ray processes too: killing it ends the output.
                 watchdog = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
-                watchdog.start()
+                watchdog.daemon = True  # never keeps a stopped command alive
                 try:
+                    watchdog.start()
                     for line in proc.stdout:
                         log_file.write(line)
                         if on_line is not None:
@@ -132,7 +133,10 @@ def hold_output_dir(path: Path) -> None:
     if path in _held_locks:
         return
     lock_file = path / LOCK_FILE
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:  # a directory that exists but is not ours to write (make_dir only made sure it exists)
+        raise UsageError(f"cannot write in the output directory {path}: {err.strerror}; choose another --out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -84,11 +84,12 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
         with open_dict(config):
             config.algorithm.setdefault("anchor", {})
             config.algorithm.anchor.base_estimator = settings.base_estimator
-    if settings is not None and settings.base_estimator == "gae" and config.critic.get("enable", None) is None:
-        logger.warning("verl_anchor: algorithm.anchor.base_estimator=gae turns verl's critic on (critic.enable=true); "
-                       "an earlier 'Disabled critic' warning from verl no longer applies")
+    if settings is not None and settings.base_estimator == "gae" and config.critic.get("enable", None) is not False:
         with open_dict(config):
-            config.critic.enable = True
+            if config.critic.get("enable", None) is None:
+                logger.warning("verl_anchor: algorithm.anchor.base_estimator=gae turns verl's critic on "
+                               "(critic.enable=true); an earlier 'Disabled critic' warning from verl no longer applies")
+                config.critic.enable = True
             critic_model = config.critic.get("model", None)
             if critic_model is not None and critic_model.get("path", None) == VERL_PLACEHOLDER_CRITIC_PATH:
                 logger.warning("verl_anchor: critic.model.path is unset; the critic starts from the actor's model "
