@@ -13,12 +13,16 @@ Exit code 1 if any configuration spills or needs more shared memory than its tar
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
-# Before triton is imported: compile for real (not the interpreter) into a cache of this run only.
+# Before triton is imported: compile for real (not the interpreter) into a cache of this run only,
+# removed at exit (~22 MB a run; the pool's forked workers leave by os._exit and do not remove it).
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernel-resources-")
+atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns while the default is unset
 
 import argparse  # noqa: E402

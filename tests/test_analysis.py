@@ -240,11 +240,12 @@ def test_bad_prompts_file(tmp_path, capsys, content, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["analyze", "--max-new-tokens", "0"], "--max-new-tokens=0 is invalid"),
+    (["analyze", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is invalid"),
+    (["analyze", "--max-new-tokens", "99999999999999999999"], "argument --max-new-tokens: 99999999999999999999 is too large"),
     (["analyze", "--temperature", "-1"], "argument --temperature: -1 is invalid"),
     (["analyze", "--num-layers", "0"], "--num-layers"),
     (["analyze", "--map-bins", "0"], "--map-bins=0 is invalid"),
-    (["analyze", "--limit", "0"], "--limit=0 is invalid"),
+    (["analyze", "--limit", "0"], "argument --limit: 0 is invalid"),
     (["coupling", "--peak-quantile", "0"], "--peak-quantile=0.0 is invalid"),
     (["perturb", "--candidates", "0"], "argument --candidates: 0 is invalid"),
 ])

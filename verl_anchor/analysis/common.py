@@ -30,6 +30,8 @@ from verl_anchor.usage import (UsageError, bounded_int, in_path, layer_list, mak
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
 
+# Responses longer than this exceed every current model's context (the paper's longest runs: 8k tokens).
+MAX_NEW_TOKENS = 2**20
 DEMO_PROBLEMS = 6  # `--demo` analyses the first held-out Countdown problems of the trained demo policy
 DEFAULT_NUM_LAYERS = AnchorConfig.num_layers  # training's default, the paper's
 
@@ -58,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
                         help="jsonl with a `prompt` field per line (optional `response`: then no generation), or "
                              "a verl parquet such as `verl-anchor data gsm8k` writes; "
                              "default: the demo policy's first six held-out Countdown problems (short prompt)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first LIMIT prompts")
+    parser.add_argument("--limit", type=bounded_int(1), default=None, help="use only the first LIMIT prompts")
     parser.add_argument("--out", type=out_dir, required=True, help="output directory")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="response length limit")
+    parser.add_argument("--max-new-tokens", type=bounded_int(1, MAX_NEW_TOKENS, "longer than any model's context"),
+                        default=max_new_tokens, help=f"response length limit (at most {MAX_NEW_TOKENS})")
     parser.add_argument("--temperature", type=temperature, default=0.7,
                         help="sampling temperature: 0 = greedy, else 0.01 to 100")
     parser.add_argument("--seed", type=seed, default=0, help="prompt i is sampled with seed + i")
@@ -252,7 +255,6 @@ class Session:
             self.cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None, num_layers=num_layers, layers=getattr(args, "layers", None))
         except ValueError as err:
             raise AnalysisError(f"--num-layers: {err}" if "num_layers" in str(err) else f"--layers: {err}") from err
-        check_options([("max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1")])
         self.model, self.tokenizer, self.name = load_model(args)
         self.capture = AttentionCapture(self.model, self.cfg, map_bins=map_bins)
         self._check_num_layers()
