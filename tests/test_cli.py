@@ -371,7 +371,7 @@ def test_train_data_dir_that_cannot_be_created(tmp_path: Path, capsys: pytest.Ca
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["algorithm.anchor=5"], "algorithm.anchor=5 must be a mapping"),
+    (["+algorithm.anchor=5"], "algorithm.anchor=5 must be a mapping"),
     (["+algorithm.anchor.base_estimator=[1]"], "algorithm.anchor.base_estimator=[1] must be an estimator name"),
     (["+algorithm.anchor.k=[1]"], "algorithm.anchor.k"),
     (["data.train_files=5"], "data.train_files=5 must be a path"),

@@ -65,15 +65,18 @@ def test_train_launcher_prepares_missing_data_and_prints_the_command(tmp_path, m
     assert "not a dataset verl-anchor can prepare" in capsys.readouterr().err
 
 
-def test_a_recipe_follows_the_base_rule_and_its_critic_switch():
+def test_a_recipe_follows_the_base_rule_and_its_critic_switch(tmp_path):
     """The recipes leave base_estimator unset: one response per prompt is refused, critic.enable=true is PPO
     (its model the actor's unless critic.model.path names one), and +algorithm.anchor.base_estimator works."""
     from verl_anchor.launch import compose_recipe, validate
+    from verl_anchor.tiny import ensure_tiny_model
     from verl_anchor.usage import UsageError
 
     with pytest.raises(UsageError, match="rollout.n=1 without critic.enable=true"):
         validate(compose_recipe("countdown_qwen3_4b", ["actor_rollout_ref.rollout.n=1"]))
-    config = compose_recipe("countdown_qwen3_4b", ["critic.enable=true"])
+    # verl's checks build the critic's model config, which reads the model: a local one (no downloads here).
+    model = f"actor_rollout_ref.model.path={ensure_tiny_model(tmp_path)}"
+    config = compose_recipe("countdown_qwen3_4b", ["critic.enable=true", model])
     validate(config)
     assert config.algorithm.anchor.base_estimator == "gae"
     assert config.critic.model.path == config.actor_rollout_ref.model.path
