@@ -254,3 +254,11 @@ def test_replaced_estimator_reads_hydra_order():
     assert replaced_estimator(["algorithm.adv_estimator=gae"]) is None  # no anchor run at all
     assert replaced_estimator(["algorithm.adv_estimator=rloo", *BASE, "algorithm.adv_estimator=grpo"]) is None
     assert replaced_estimator(["algorithm.adv_estimator=rloo", "algorithm.adv_estimator=gae", *BASE]) == "gae"
+
+
+def test_a_null_anchor_block_takes_the_chosen_base(monkeypatch):
+    """`algorithm.anchor: null` means no options; the driver still writes the base it chose into the block."""
+    monkeypatch.setattr("sys.argv", ["main_ppo.py"])
+    config = compose_verl(BASE + ["+algorithm.anchor=null"], responses=4)
+    assert prepare_config(config).base_estimator == "grpo"
+    assert config.algorithm.anchor.base_estimator == "grpo"

@@ -82,7 +82,8 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
     if settings is not None:
         # The driver decides the base once (it alone sees the command line); the trainer reads it back.
         with open_dict(config):
-            config.algorithm.setdefault("anchor", {})
+            if config.algorithm.get("anchor", None) is None:  # absent, or `algorithm.anchor: null` (no options)
+                config.algorithm.anchor = {}
             config.algorithm.anchor.base_estimator = settings.base_estimator
     if settings is not None and settings.base_estimator == "gae" and config.critic.get("enable", None) is not False:
         with open_dict(config):
