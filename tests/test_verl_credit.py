@@ -11,7 +11,7 @@ from verl_anchor import AnchorConfig
 from verl_anchor.credit import response_seed, shape_advantages, token_weights
 from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
 from verl_anchor.integration.settings import AnchorSettings
-from verl_anchor.integration.trainer import scale_advantages
+from verl_anchor.integration.advantage import ResponseBatch, scale_advantages
 
 LENGTHS = [12, 1, 7, 15]
 
@@ -41,6 +41,11 @@ def make_batch(seed=0, broken=None, order=None):
     return data, advantages, waad, fai, entropy
 
 
+def scale(data, settings, seeds, real=None):
+    """The shared advantage step on a TensorDict of nested per-response fields (as the v1 trainer reads them)."""
+    return scale_advantages(ResponseBatch.from_nested(data, real), settings, seeds)
+
+
 SEEDS = [response_seed(0, 3, 0, f"uid{i}_0_0") for i in range(len(LENGTHS))]
 
 
@@ -49,7 +54,7 @@ SEEDS = [response_seed(0, 3, 0, f"uid{i}_0_0") for i in range(len(LENGTHS))]
 def test_scaled_advantages_equal_per_response_weights(strategy, sign):
     data, advantages, waad, fai, entropy = make_batch()
     cfg = AnchorConfig(strategy=strategy, sign=sign)
-    shaped, _, metrics = scale_advantages(data, AnchorSettings(cfg, f"anchor_{strategy}", "grpo"), SEEDS)
+    shaped, _, metrics = scale(data, AnchorSettings(cfg, f"anchor_{strategy}", "grpo"), SEEDS)
     assert shaped.shape == (len(LENGTHS), max(LENGTHS))
     selected = 0
     for i, n in enumerate(LENGTHS):
@@ -74,7 +79,7 @@ def test_scaled_advantages_equal_per_response_weights(strategy, sign):
 def test_amplification_is_real_and_bounded():
     data, advantages, *_ = make_batch()
     cfg = AnchorConfig(strategy="coupled")
-    shaped, _, metrics = scale_advantages(data, AnchorSettings(cfg, "anchor_coupled", "grpo"), SEEDS)
+    shaped, _, metrics = scale(data, AnchorSettings(cfg, "anchor_coupled", "grpo"), SEEDS)
     ratio = shaped[0, : LENGTHS[0]] / advantages[0]
     assert set(ratio.tolist()) <= {1.0, 1.25, 1.5} and ratio.max() == 1.5
     assert 1.0 < metrics["anchor/gamma_mean"] <= 1.5
@@ -82,7 +87,7 @@ def test_amplification_is_real_and_bounded():
 
 def test_degenerate_response_keeps_unit_weights_and_is_counted():
     data, advantages, *_ = make_batch(broken=0)
-    shaped, _, metrics = scale_advantages(data, AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo"), SEEDS)
+    shaped, _, metrics = scale(data, AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo"), SEEDS)
     torch.testing.assert_close(shaped[0, : LENGTHS[0]], advantages[0])
     assert metrics["anchor/degenerate_frac"] == pytest.approx(1 / len(LENGTHS))
 
@@ -90,9 +95,9 @@ def test_degenerate_response_keeps_unit_weights_and_is_counted():
 def test_padding_rows_keep_unit_weights_and_stay_out_of_the_metrics():
     data, advantages, *_ = make_batch()
     settings = AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo")
-    _, _, full = scale_advantages(data, settings, SEEDS)
+    _, _, full = scale(data, settings, SEEDS)
     real = [True, True, True, False]  # verl's _balance_batch appended the last row
-    shaped, gamma, metrics = scale_advantages(data, settings, SEEDS, real=real)
+    shaped, gamma, metrics = scale(data, settings, SEEDS, real=real)
     torch.testing.assert_close(shaped[3, : LENGTHS[3]], advantages[3])
     assert (gamma[3] == 1).all()
     kept = sum(LENGTHS[:3])
@@ -103,11 +108,11 @@ def test_padding_rows_keep_unit_weights_and_stay_out_of_the_metrics():
 
 def test_random_baseline_differs_from_coupled_and_is_reproducible_per_response():
     data, *_ = make_batch()
-    coupled, *_ = scale_advantages(data, AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo"), SEEDS)
+    coupled, *_ = scale(data, AnchorSettings(AnchorConfig(), "anchor_coupled", "grpo"), SEEDS)
     random_cfg = AnchorSettings(AnchorConfig(strategy="random"), "anchor_random", "grpo")
-    first, _, metrics = scale_advantages(data, random_cfg, SEEDS)
-    again, *_ = scale_advantages(data, random_cfg, SEEDS)
-    other_step, *_ = scale_advantages(data, random_cfg, [response_seed(0, 4, 0, f"uid{i}_0_0") for i in range(4)])
+    first, _, metrics = scale(data, random_cfg, SEEDS)
+    again, *_ = scale(data, random_cfg, SEEDS)
+    other_step, *_ = scale(data, random_cfg, [response_seed(0, 4, 0, f"uid{i}_0_0") for i in range(4)])
     assert not torch.equal(first, coupled)
     assert torch.equal(first, again) and not torch.equal(first, other_step)
     assert "anchor/fai_mean" not in metrics  # random needs no attention statistics
@@ -116,10 +121,10 @@ def test_random_baseline_differs_from_coupled_and_is_reproducible_per_response()
 def test_random_draw_follows_the_response_not_its_row():
     data, *_ = make_batch()
     random_cfg = AnchorSettings(AnchorConfig(strategy="random"), "anchor_random", "grpo")
-    _, gamma, _ = scale_advantages(data, random_cfg, SEEDS)
+    _, gamma, _ = scale(data, random_cfg, SEEDS)
     order = [2, 0, 3, 1]  # the same responses, reordered (another rank layout, dynamic batching)
     reordered, *_ = make_batch(order=order)
-    _, gamma_reordered, _ = scale_advantages(reordered, random_cfg, [SEEDS[i] for i in order])
+    _, gamma_reordered, _ = scale(reordered, random_cfg, [SEEDS[i] for i in order])
     for row, i in enumerate(order):
         assert torch.equal(gamma_reordered[row, : LENGTHS[i]], gamma[i, : LENGTHS[i]])
 
@@ -129,7 +134,7 @@ def test_huge_seeds_do_not_overflow_the_generator():
     cfg = AnchorConfig(strategy="random", seed=2**64 - 1)
     seeds = [response_seed(cfg.seed, 10**9, 7, f"k{i}") for i in range(len(LENGTHS))]
     assert all(0 <= s < 2**63 for s in seeds)
-    _, gamma, _ = scale_advantages(data, AnchorSettings(cfg, "anchor_random", "grpo"), seeds)
+    _, gamma, _ = scale(data, AnchorSettings(cfg, "anchor_random", "grpo"), seeds)
     assert (gamma > 1).any()
 
 

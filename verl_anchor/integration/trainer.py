@@ -18,24 +18,20 @@ Mode strings stay verl's own, so every place verl compares `trainer_mode` behave
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import ray
-import torch
 import transfer_queue as tq
 from omegaconf import DictConfig
 from tensordict import TensorDict
-from verl.trainer.ppo.utils import Role
 from verl.workers.utils.padding import response_to_nested
 
-from verl_anchor.credit import batch_gamma, effective_gamma, response_seed, shape_advantages
+from verl_anchor.credit import response_seed
+from verl_anchor.integration.advantage import ResponseBatch, token_digest, scale_advantages, write_dump
 from verl_anchor.integration.settings import AnchorSettings, prepare_config
-from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY, OUTPUT_KEYS, anchor_worker_cls
+from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY, OUTPUT_KEYS, use_anchor_workers
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +81,7 @@ class AnchorTrainerMixin:
         super()._init_resource_pool_mgr()
         if self.anchor is None:
             return
-        for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor):
-            if role in self.role_worker_mapping:
-                self.role_worker_mapping[role] = ray.remote(anchor_worker_cls(self.role_worker_mapping[role]))
+        use_anchor_workers(self.role_worker_mapping)
 
     def _setup(self) -> None:
         super()._setup()
@@ -131,11 +125,13 @@ class AnchorTrainerMixin:
         local_step = getattr(self, "local_trigger_step", 0)
         seeds = self._response_seeds(batch.keys, data, local_step) if self.anchor.cfg.strategy == "random" else None
         world = self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
-        shaped, gamma, anchor_metrics = scale_advantages(data, self.anchor, seeds, real=real, world_size=world)
+        responses = ResponseBatch.from_nested(data, real)
+        shaped, gamma, anchor_metrics = scale_advantages(responses, self.anchor, seeds, world_size=world)
         out = TensorDict({"advantages": response_to_nested(shaped, data["response_mask"])}, batch_size=len(batch))
         batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
         if self.anchor.dump_dir:
-            self._dump(batch.keys, data, gamma, real, local_step)
+            path = Path(self.anchor.dump_dir) / f"step{self.global_steps:06d}_{local_step:03d}.pt"
+            write_dump(path, batch.keys, data["input_ids"].unbind(), responses, gamma)
         anchor_metrics["timing_s/anchor_weights"] = time.perf_counter() - start
         metrics.update(anchor_metrics)
         return batch
@@ -151,73 +147,6 @@ class AnchorTrainerMixin:
         seeds = []
         for key, prompt in zip(keys, data["prompts"].unbind()):
             session_and_output = key.rsplit("_", 2)[1:]
-            digest = hashlib.blake2b(prompt.cpu().numpy().tobytes(), digest_size=8).hexdigest()
-            seeds.append(response_seed(self.anchor.cfg.seed, self.global_steps, local_step, digest,
+            seeds.append(response_seed(self.anchor.cfg.seed, self.global_steps, local_step, token_digest(prompt),
                                        *session_and_output))
         return seeds
-
-    def _dump(self, keys: Sequence[str], data: TensorDict, gamma: torch.Tensor, real: Sequence[bool],
-              local_step: int) -> None:
-        """`algorithm.anchor.dump_dir`: each response's tokens, statistics and gamma (for checks and analysis)."""
-        lengths = data["response_mask"].offsets().diff().tolist()
-        record = {"keys": list(keys), "real": list(real),
-                  "input_ids": [t.clone() for t in data["input_ids"].unbind()],
-                  "gamma": [gamma[i, :n].clone() for i, n in enumerate(lengths)]}
-        for name in OUTPUT_KEYS:
-            if name in data.keys():
-                record[name] = [t.clone() for t in data[name].unbind()]
-        path = Path(self.anchor.dump_dir) / f"step{self.global_steps:06d}_{local_step:03d}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(record, path)
-
-
-def _padded(nested: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    return torch.nested.to_padded_tensor(nested, fill) if nested.is_nested else nested
-
-
-def scale_advantages(
-    data: TensorDict,
-    settings: AnchorSettings,
-    seeds: Sequence[int] | None = None,
-    real: Sequence[bool] | None = None,
-    world_size: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """gamma-scaled advantages `(batch, response_length)`, gamma itself, and the `anchor/*` metrics.
-
-    `data` holds nested per-response `advantages`, `response_mask`, `entropy` (entropy strategy) and,
-    for attention strategies, the worker's `anchor_*` outputs (see `integration.worker`). Rows with `real[i]` False
-    (verl's padding samples) keep gamma = 1 and stay out of the metrics.
-    """
-    cfg = settings.cfg
-    advantages = _padded(data["advantages"]).float()
-    mask = _padded(data["response_mask"]).bool()
-    lengths = data["response_mask"].offsets().diff().tolist()
-    real_rows = torch.ones(len(lengths), dtype=torch.bool) if real is None else torch.tensor(list(real), dtype=torch.bool)
-    lengths = [n if keep else 0 for n, keep in zip(lengths, real_rows.tolist())]
-    waad = _padded(data["anchor_waad"], math.nan).float() if cfg.needs_attention else None
-    fai = _padded(data["anchor_fai"], math.nan).float() if cfg.needs_attention else None
-    entropy = _padded(data["entropy"]).float() if "entropy" in data.keys() else None
-    gamma, degenerate = batch_gamma(lengths, cfg, waad=waad, fai=fai, entropy=entropy, seeds=seeds, trainable=mask)
-    gamma = torch.nn.functional.pad(gamma, (0, advantages.shape[1] - gamma.shape[1]), value=1.0)
-    shaped = shape_advantages(advantages, gamma, cfg.sign)
-    effective = effective_gamma(advantages, gamma, cfg.sign)  # what shape_advantages multiplied by
-    mask &= real_rows[:, None]
-    tokens = max(1, int(mask.sum()))
-    metrics = {
-        "anchor/selected_frac": float(((gamma != 1.0) & mask).sum()) / tokens,  # chosen by the strategy
-        "anchor/amplified_frac": float(((effective != 1.0) & mask).sum()) / tokens,  # after the sign rule
-        "anchor/gamma_mean": float(effective[mask].sum()) / tokens,
-        "anchor/degenerate_frac": float(degenerate[real_rows].sum()) / max(1, int(real_rows.sum())),
-    }
-    if cfg.needs_attention:
-        per_seq = _padded(data["anchor_seq"], math.nan).float()[real_rows]
-        defined_fai = fai[mask & ~torch.isnan(fai)]
-        metrics.update({
-            "anchor/waad_mean": float(waad[mask & torch.isfinite(waad)].mean()) if mask.any() else math.nan,
-            "anchor/fai_mean": float(defined_fai.mean()) if defined_fai.numel() else math.nan,
-            "anchor/span_local": float(per_seq[:, 0].nanmean()),
-            "anchor/span_global": float(per_seq[:, 1].nanmean()),
-            # Each sequence carries its share of its rank's time: the sum over ranks, averaged per rank.
-            "timing_s/anchor_stats": float(_padded(data["anchor_seq"], math.nan)[:, 2].nansum()) / max(1, world_size),
-        })
-    return shaped, gamma, metrics

@@ -1,0 +1,124 @@
+"""The anchor advantage step both verl trainers share: gamma on the base estimator's advantages, and its metrics.
+
+Independent of the data plane: the v1 trainer reads its responses from TransferQueue (nested, one
+row per response), the legacy trainer from a padded `DataProto`; each builds a `ResponseBatch`, the
+typed hand-off from the worker's outputs to the credit maths, and calls `scale_advantages`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+
+from verl_anchor.credit import batch_gamma, effective_gamma, shape_advantages
+from verl_anchor.integration.settings import AnchorSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseBatch:
+    """What gamma needs of a batch of responses, padded to one width `W` (rows past their length are ignored).
+
+    `per_sequence` is the worker's `anchor_seq` row: local-group span, global-group span, seconds.
+    Rows with `real` False (verl's padding samples) keep gamma = 1 and stay out of the metrics.
+    """
+
+    advantages: torch.Tensor  # (B, W) the base estimator's advantages
+    trainable: torch.Tensor  # (B, W) bool: verl's response_mask
+    lengths: tuple[int, ...]  # tokens of each response
+    real: torch.Tensor  # (B,) bool
+    waad: torch.Tensor | None = None  # (B, W), attention strategies
+    fai: torch.Tensor | None = None  # (B, W), NaN where undefined
+    per_sequence: torch.Tensor | None = None  # (B, 3), attention strategies
+    entropy: torch.Tensor | None = None  # (B, W), entropy strategy
+
+    @classmethod
+    def from_nested(cls, data: TensorDict, real: Sequence[bool] | None = None) -> ResponseBatch:
+        """From per-response nested fields: `advantages`, `response_mask`, `entropy`, the worker's `anchor_*`."""
+        lengths = tuple(data["response_mask"].offsets().diff().tolist())
+        present = data.keys()
+        return cls(
+            advantages=padded(data["advantages"]).float(), trainable=padded(data["response_mask"]).bool(),
+            lengths=lengths, real=real_rows(len(lengths), real),
+            waad=padded(data["anchor_waad"], math.nan).float() if "anchor_waad" in present else None,
+            fai=padded(data["anchor_fai"], math.nan).float() if "anchor_fai" in present else None,
+            per_sequence=padded(data["anchor_seq"], math.nan).float() if "anchor_seq" in present else None,
+            entropy=padded(data["entropy"]).float() if "entropy" in present else None,
+        )
+
+
+def padded(nested: torch.Tensor, fill: float = 0.0, width: int | None = None) -> torch.Tensor:
+    """A nested (jagged) tensor as a padded one, `width` columns if given; a dense one as it is."""
+    dense = torch.nested.to_padded_tensor(nested, fill) if nested.is_nested else nested
+    if width is not None and dense.shape[1] < width:
+        dense = torch.nn.functional.pad(dense, (0, width - dense.shape[1]), value=fill)
+    return dense
+
+
+def real_rows(num_rows: int, real: Sequence[bool] | None) -> torch.Tensor:
+    return torch.ones(num_rows, dtype=torch.bool) if real is None else torch.tensor(list(real), dtype=torch.bool)
+
+
+def token_digest(tokens: torch.Tensor) -> str:
+    """What identifies a prompt (or a whole sequence) across runs and ranks, for the random draw's seed:
+    verl's uids are random."""
+    return hashlib.blake2b(tokens.cpu().long().numpy().tobytes(), digest_size=8).hexdigest()
+
+
+def scale_advantages(
+    batch: ResponseBatch,
+    settings: AnchorSettings,
+    seeds: Sequence[int] | None = None,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """gamma-scaled advantages `(B, W)`, gamma itself, and the `anchor/*` metrics.
+
+    `seeds`: one per response for the random strategy (`credit.response_seed`). `world_size`: the
+    actor ranks, to report `timing_s/anchor_stats` per rank (each sequence carries its share of its rank's time).
+    """
+    cfg = settings.cfg
+    advantages, real = batch.advantages.float(), batch.real
+    lengths = [n if keep else 0 for n, keep in zip(batch.lengths, real.tolist())]
+    gamma, degenerate = batch_gamma(lengths, cfg, waad=batch.waad, fai=batch.fai, entropy=batch.entropy,
+                                    seeds=seeds, trainable=batch.trainable)
+    gamma = torch.nn.functional.pad(gamma, (0, advantages.shape[1] - gamma.shape[1]), value=1.0)
+    shaped = shape_advantages(advantages, gamma, cfg.sign)
+    effective = effective_gamma(advantages, gamma, cfg.sign)  # what shape_advantages multiplied by
+    mask = batch.trainable.bool() & real[:, None]
+    tokens = max(1, int(mask.sum()))
+    metrics = {
+        "anchor/selected_frac": float(((gamma != 1.0) & mask).sum()) / tokens,  # chosen by the strategy
+        "anchor/amplified_frac": float(((effective != 1.0) & mask).sum()) / tokens,  # after the sign rule
+        "anchor/gamma_mean": float(effective[mask].sum()) / tokens,
+        "anchor/degenerate_frac": float(degenerate[real].sum()) / max(1, int(real.sum())),
+    }
+    if cfg.needs_attention:
+        waad, fai, per_seq = batch.waad, batch.fai, batch.per_sequence
+        defined_fai = fai[mask & ~torch.isnan(fai)]
+        metrics.update({
+            "anchor/waad_mean": float(waad[mask & torch.isfinite(waad)].mean()) if mask.any() else math.nan,
+            "anchor/fai_mean": float(defined_fai.mean()) if defined_fai.numel() else math.nan,
+            "anchor/span_local": float(per_seq[real, 0].nanmean()),
+            "anchor/span_global": float(per_seq[real, 1].nanmean()),
+            "timing_s/anchor_stats": float(per_seq[:, 2].nansum()) / max(1, world_size),
+        })
+    return shaped, gamma, metrics
+
+
+def write_dump(path: Path, keys: Sequence[str], input_ids: Sequence[torch.Tensor], batch: ResponseBatch,
+               gamma: torch.Tensor) -> None:
+    """`algorithm.anchor.dump_dir`: each response's tokens, statistics and gamma (for checks and analysis)."""
+    record = {"keys": list(keys), "real": batch.real.tolist(), "input_ids": [t.clone() for t in input_ids],
+              "gamma": [gamma[i, :n].clone() for i, n in enumerate(batch.lengths)]}
+    for name, values in (("anchor_waad", batch.waad), ("anchor_fai", batch.fai)):
+        if values is not None:
+            record[name] = [values[i, :n].clone() for i, n in enumerate(batch.lengths)]
+    if batch.per_sequence is not None:
+        record["anchor_seq"] = [row.clone() for row in batch.per_sequence]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, path)
