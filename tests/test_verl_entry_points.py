@@ -88,6 +88,8 @@ def test_a_missing_transfer_queue_fails_at_start_up_with_the_install_fix(monkeyp
     fix = r"needs TransferQueue, and it is not installed: pip install 'verl\[verl-core\]'"
     with pytest.raises(ImportError, match=fix):
         read_settings(config)
+    config.trainer.use_v1 = False  # the legacy trainer (the only one on verl's neo branch) moves no batch through it
+    assert read_settings(config).estimator == "anchor_coupled"
 
 
 @pytest.mark.timeout(600)

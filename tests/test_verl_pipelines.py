@@ -79,8 +79,28 @@ def test_two_ranks_dynamic_batches_give_each_response_its_single_rank_gamma(tmp_
     ], steps=1)
     record = torch.load(dump / "step000001_000.pt")
     assert not all(record["real"])  # padding samples were added, and kept out of the weights
+    assert_single_sequence_statistics(record, tmp_path / "cache", expected_responses=6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_legacy_trainer_applies_anchor_credit(tmp_path):
+    """trainer.use_v1=false: verl's RayPPOTrainer (what verl-recipe's recipes subclass), packed inputs."""
+    dump = tmp_path / "dump"
+    steps = run_demo(tmp_path, ["trainer.use_v1=false", f"+algorithm.anchor.dump_dir={dump}"])
+    for metrics in steps.values():
+        assert_amplified(metrics)
+        assert metrics["critic/advantages/max"] == pytest.approx(1.5 / math.sqrt(2), rel=1e-3)
+    record = torch.load(dump / "step000001_000.pt")  # step 1: the statistics of the weights the test loads
+    assert all(record["real"]) and sorted(p.name for p in dump.iterdir()) == ["step000001_000.pt", "step000002_000.pt"]
+    assert_single_sequence_statistics(record, tmp_path / "cache", expected_responses=len(record["real"]))
+
+
+def assert_single_sequence_statistics(record, cache, expected_responses):
+    """Each dumped response's statistics are those of a forward of that sequence alone, and so is its gamma
+    (up to a near-tie in the top-q selection flipping under 1e-6 differences: at most one response)."""
     cfg = AnchorConfig()
-    (model_dir,) = (tmp_path / "cache").glob("tiny-qwen3-*")
+    (model_dir,) = cache.glob("tiny-qwen3-*")
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
     model.eval()
     checked, tie_flips = 0, 0
@@ -98,6 +118,6 @@ def test_two_ranks_dynamic_batches_give_each_response_its_single_rank_gamma(tmp_
         torch.testing.assert_close(record["anchor_fai"][i], expected.fai, atol=1e-5, rtol=0, equal_nan=True)
         single = token_weights(expected.waad, expected.fai, copy.copy(cfg))
         if not torch.equal(gamma, single):
-            tie_flips += 1  # a near-tie in the top-q selection may flip under 1e-6 differences
+            tie_flips += 1
         checked += 1
-    assert checked == 6 and tie_flips <= 1, f"{tie_flips} of {checked} responses changed gamma"
+    assert checked == expected_responses and tie_flips <= 1, f"{tie_flips} of {checked} responses changed gamma"

@@ -88,7 +88,6 @@ def test_gae_base_turns_the_critic_on_unless_the_user_turned_it_off():
     (BASE + ["actor_rollout_ref.actor.strategy=megatron"], "actor_rollout_ref.actor.strategy=megatron is not supported"),
     (BASE + ["actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"],
      "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 is not supported"),
-    (BASE + ["trainer.use_v1=false"], "set trainer.use_v1=true"),
 ])
 def test_bad_configs_name_option_value_and_fix(overrides, message):
     with pytest.raises(ValueError) as err:

@@ -11,6 +11,8 @@ concerned (`_after_import`), so a process that never trains pays nothing for it:
 - on import of `verl.trainer.ppo.core_algos`: the `anchor_*` estimator names are registered;
 - on import of `verl.trainer.ppo.v1`: `get_trainer_cls` is wrapped, so every v1 trainer mode comes
   back with the anchor step (`integration.trainer`);
+- on import of `verl.trainer.ppo.ray_trainer` and `metric_utils`: the legacy trainer (`trainer.use_v1=false`,
+  `RayPPOTrainer` and the recipes' subclasses) and its module functions are patched in place (`integration.legacy`);
 - the CPU platform and HF rollout of `verl_anchor.cpu`: at once under `VERL_PLATFORM=cpu` (verl
   resolves the platform early), else on import of `verl.workers.rollout` (for `rollout.name=hf`).
 
@@ -154,6 +156,18 @@ def _wrap_trainer_lookup(v1: ModuleType) -> None:
     v1.get_trainer_cls = trainer_base.get_trainer_cls = _with_anchor_trainers(trainer_base.get_trainer_cls)
 
 
+def _patch_legacy_trainer(ray_trainer: ModuleType) -> None:
+    from verl_anchor.integration.legacy import patch_ray_trainer
+
+    patch_ray_trainer(ray_trainer)
+
+
+def _patch_metric_utils(metric_utils: ModuleType) -> None:
+    from verl_anchor.integration.legacy import patch_metric_utils
+
+    patch_metric_utils(metric_utils)
+
+
 def _register_cpu_mode(rollout: ModuleType | None = None) -> None:
     importlib.import_module("verl_anchor.cpu")  # registers the platform and the hf rollout on import
 
@@ -171,6 +185,9 @@ def register() -> None:
     verl_device.auto_set_device = _with_entry_point_check(verl_device.auto_set_device)
     _after_import("verl.trainer.ppo.core_algos", _register_estimators)
     _after_import("verl.trainer.ppo.v1", _wrap_trainer_lookup)
+    # metric_utils first: recipes (DAPO) import compute_data_metrics from it before they import ray_trainer.
+    _after_import("verl.trainer.ppo.metric_utils", _patch_metric_utils)
+    _after_import("verl.trainer.ppo.ray_trainer", _patch_legacy_trainer)
 
 
 try:

@@ -163,10 +163,8 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
             logger.warning("verl_anchor: algorithm.anchor.* is ignored with algorithm.adv_estimator=%s; "
                            "an anchor_* estimator turns the method on", estimator)
         return None
-    _check_transfer_queue(estimator)
-    if not config.trainer.get("use_v1", True):
-        raise ValueError(f"algorithm.adv_estimator={estimator} needs verl's v1 trainer (the legacy trainer never "
-                         "runs the anchor step): set trainer.use_v1=true")
+    if config.trainer.get("use_v1", True):
+        _check_transfer_queue(estimator)
     options = anchor_block(config)
     base, why = choose_base_estimator(config, options.pop("base_estimator", None))
     enable = options.pop("enable", True)

@@ -49,9 +49,8 @@ def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture:
     start = time.perf_counter()
     stats = _micro_batch_stats(capture.pop_packed(), data)
     device = stats.row_span.device
-    responses = data["response_mask"]
-    signals = packed_response_signals(stats, responses.offsets().diff().to(device), cfg,
-                                      num_response_tokens=responses.values().shape[0])
+    lengths, num_response_tokens = _response_lengths(data)
+    signals = packed_response_signals(stats, lengths.to(device), cfg, num_response_tokens=num_response_tokens)
     num_sequences = stats.sequences.num_sequences
     seconds = (capture.seconds + time.perf_counter() - start) / max(1, num_sequences)
     capture.seconds = 0.0
@@ -62,6 +61,16 @@ def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture:
     model_output["anchor_seq"] = _nested(per_sequence.flatten(), torch.arange(num_sequences + 1, device=device) * 3,
                                          out)
     return torch.zeros((), device=out), {}
+
+
+def _response_lengths(data: TensorDict) -> tuple[torch.Tensor, int | None]:
+    """Tokens of each response in the micro-batch, and their total where it is known without a host sync."""
+    responses = data["response_mask"]
+    if responses.is_nested:  # v1: one row per response
+        return responses.offsets().diff(), responses.values().shape[0]
+    # The legacy trainer's old-log-prob call keeps verl's left-right padded masks beside the packed inputs
+    # (`left_right_2_no_padding`): responses are right-padded to the response_mask's width.
+    return data["attention_mask"][:, -responses.shape[1]:].sum(-1), None
 
 
 def _micro_batch_stats(forwards: list[PackedTokenStats], data: TensorDict) -> PackedTokenStats:
@@ -141,6 +150,16 @@ _WORKER_VARIANTS: dict[type, type] = {
     ActorRolloutRefWorker: AnchorActorRolloutRefWorker,
     DetachActorWorker: AnchorDetachActorWorker,
 }
+
+
+def use_anchor_workers(role_worker_mapping: dict) -> None:
+    """Give a trainer's actor role (whichever of verl's roles it uses) the anchor variant of its worker, in place."""
+    import ray
+    from verl.trainer.ppo.utils import Role
+
+    for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor):
+        if role in role_worker_mapping:
+            role_worker_mapping[role] = ray.remote(anchor_worker_cls(role_worker_mapping[role]))
 
 
 def anchor_worker_cls(worker: Any) -> type:
