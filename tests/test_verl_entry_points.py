@@ -19,7 +19,7 @@ def run_python(args, timeout=600, cwd=ROOT):
 
 @pytest.mark.timeout(600)
 def test_fully_async_main_refuses_anchor_estimators_before_ray_starts():
-    """verl's DAPO fully-async launch, with a Ulysses SP the capture cannot handle: the real module's driver."""
+    """verl's DAPO fully-async launch (with Ulysses SP, as its example sets): the real module's driver."""
     proc = run_python([
         "-m", "verl.experimental.fully_async_policy.fully_async_main",
         "algorithm.adv_estimator=anchor_coupled",

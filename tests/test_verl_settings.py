@@ -86,13 +86,28 @@ def test_gae_base_turns_the_critic_on_unless_the_user_turned_it_off():
     (BASE + ["+algorithm.anchor.base_estimator=anchor_random"], "the base must be a plain verl estimator"),
     (BASE + ["algorithm.rollout_correction.bypass_mode=true"], "set algorithm.rollout_correction.bypass_mode=false"),
     (BASE + ["actor_rollout_ref.actor.strategy=megatron"], "actor_rollout_ref.actor.strategy=megatron is not supported"),
-    (BASE + ["actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"],
-     "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 is not supported"),
+    (BASE + ["actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+             "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"],
+     "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 with actor_rollout_ref.model.override_config."
+     "attn_implementation=sdpa is not supported by anchor_coupled: verl's Ulysses all-to-all runs only inside flash "
+     "attention"),
+    (BASE + ["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=4",
+             "+actor_rollout_ref.model.override_config.attn_implementation=eager"],
+     "set actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=1"),
 ])
 def test_bad_configs_name_option_value_and_fix(overrides, message):
     with pytest.raises(ValueError) as err:
         read_settings(compose_verl(overrides))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["actor_rollout_ref.actor.ulysses_sequence_parallel_size",
+                                 "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size"])
+def test_ulysses_sequence_parallelism_with_flash_attention_is_accepted(key):
+    """The capture reads verl's flash call after its all-to-all (test_capture_ulysses.py)."""
+    assert read_settings(compose_verl(BASE + [f"{key}=2"])).cfg.strategy == "coupled"
+    overrides = [f"{key}=2", "+actor_rollout_ref.model.override_config.attn_implementation=flash_attention_3"]
+    assert read_settings(compose_verl(BASE + overrides)).cfg.strategy == "coupled"
 
 
 def test_megatron_is_fine_for_strategies_without_attention():

@@ -36,22 +36,26 @@ gives one `TokenStats` per sequence (analysis, tests); `pop_packed()` the packed
 forward as they are, on the device (the worker).
 
 The attention function: transformers looks it up by name in `ALL_ATTENTION_FUNCTIONS` on every
-call. While at least one capture is active, one dispatcher sits under each implementation name
-in use (`eager`, `sdpa`, `flash_attention_2`, ...) in that mapping's local layer; it shows every
-call to each active capture (each records only its own model's selected layers) and then calls
-the function that was there before. The first capture to enter installs it and the last to
-exit puts the entry back exactly as it found it, so captures may nest, exit in any order, and
-run at the same time on different models in different threads; the registry holds no capture
-once all have exited. Entering a capture that is already active is refused, and so is entering a
-capture of a model that a capture entered in another thread is still capturing: the state of the
-forward in progress is per capture, not per thread, and each capture's hooks see every forward of
-its model, so two threads capturing one model would mix their forwards. Using the model's
-existing name matters: a new name would need its own mask function, and without one
-transformers silently drops the padding mask.
+call. While at least one capture is active, one dispatcher sits under each implementation name in
+use (`eager`, `sdpa`, `flash_attention_2`, ...) in that mapping's local layer; it shows every call
+to each active capture (each records only its own model's selected layers) and then calls the
+function that was there before (under Ulysses SP it then checks that the call reached verl's inner
+flash call). The first capture to enter installs it and the last to exit puts the entry back
+exactly as it found it, so captures may nest, exit in any order, and run at the same time on
+different models in different threads; the registry holds no capture once all have exited. Entering
+a capture that is already active is refused, and so is entering a capture of a model that a capture
+entered in another thread is still capturing: the state of the forward in progress is per capture,
+not per thread, and each capture's hooks see every forward of its model, so two threads capturing
+one model would mix their forwards. Using the model's existing name matters: a new name would need
+its own mask function, and without one transformers silently drops the padding mask.
 
 The implementation is the one the decoder's config names when the capture is entered: a
 `set_attn_implementation` between building and entering is followed (and checked again, as when
 built); one while the capture is active is refused at the next forward.
+
+Under verl's Ulysses sequence parallelism (its group set while the decoder runs) the decoder and the attention
+function see a slice of every sequence: the statistics are then taken from verl's inner flash call, after its
+all-to-all, for whole sequences and this rank's heads (`verl_anchor.capture_ulysses`).
 
 Where the statistics run is decided when the capture is built, too: on a CUDA device the kernels cannot
 run on (capability, shared memory, head dim: `stats_engine.kernel_device_problem`) they take the torch
@@ -77,7 +81,7 @@ from typing import Any
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from verl_anchor import stats_engine
+from verl_anchor import capture_ulysses, stats_engine
 from verl_anchor.capture_checks import (
     LAYERS_OPTION,
     CaptureError,
@@ -106,7 +110,8 @@ _MISSING = object()
 class _Forward:
     """What a capture gathers during one forward of the decoder."""
 
-    layout: SequenceLayout
+    layout: SequenceLayout | None  # under Ulysses SP: found at the first captured layer
+    ulysses: capture_ulysses.UlyssesForward | None = None
     stats: dict[int, PackedTokenStats] = dataclasses.field(default_factory=dict)  # by layer
     maps: dict[int, list[torch.Tensor]] = dataclasses.field(default_factory=dict)  # by layer, per sequence
     # id(mask) -> (first layer, mask, agrees): one check per mask tensor (layers share theirs), read after the
@@ -207,7 +212,8 @@ class AttentionCapture:
     def pop_packed(self) -> list[PackedTokenStats]:
         """The statistics of each forward since the last pop, as computed: all sequences packed along the token
         axis (`sequences` holds their boundaries, padding segments included), the layers' heads stacked in
-        (layer, head) order, on the model's device. Reads nothing from the device."""
+        (layer, head) order (under Ulysses SP this rank's heads, from `head_offset`), on the model's device.
+        Reads nothing from the device."""
         return [stats for stats, _ in self._take_finished()]
 
     def _take_finished(self) -> list[tuple[PackedTokenStats, list[torch.Tensor] | None]]:
@@ -235,6 +241,11 @@ class AttentionCapture:
         if tokens is None:
             raise CaptureError(f"the capture needs `input_ids` or `inputs_embeds` in the call of "
                                f"{type(module).__name__}")
+        group = capture_ulysses.sequence_parallel_group()
+        if group is not None:
+            self._forward = _Forward(None, capture_ulysses.begin(group, self.implementation, call, tokens,
+                                                                 self.map_bins is not None, _observe_gathered))
+            return
         # transformers treats restarting position_ids as packed sequences only without a KV cache,
         # which the decoder creates whenever use_cache resolves to True.
         use_cache = call.get("use_cache")
@@ -272,11 +283,35 @@ class AttentionCapture:
                  kwargs: dict) -> None:
         """Called by the dispatcher for every attention call while this capture is active."""
         layer = self._layer_of.get(id(module))
-        if layer is not None and self._forward is not None:
-            self._record(layer, query, key, mask, kwargs, self._forward)
+        forward = self._forward
+        if layer is not None and forward is not None:
+            if forward.ulysses is None:
+                self._record(layer, query, key, mask, kwargs, forward)
+            else:  # recorded from verl's inner call, after its all-to-all (`_observe_gathered`)
+                forward.ulysses.pending = (layer, query.shape[1], mask, kwargs)
+
+    def _observed(self, module: torch.nn.Module) -> None:
+        """After the attention function returned: under SP, refuse a selected layer whose inner call never came."""
+        sp = None if self._forward is None else self._forward.ulysses
+        if sp is not None and sp.pending is not None and id(module) in self._layer_of:
+            layer, sp.pending = sp.pending[0], None
+            raise capture_ulysses.not_reached(layer, sp.size)
+
+    def _observe_gathered(self, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+        """Under SP: verl's inner flash call for the pending layer, q/k `(1, T, heads of this rank, D)`."""
+        forward = self._forward
+        sp = None if forward is None else forward.ulysses
+        if sp is None or sp.pending is None or self._thread != threading.get_ident():
+            return
+        (layer, num_heads, mask, kwargs), sp.pending = sp.pending, None
+        if forward.layout is None:
+            forward.layout = capture_ulysses.gathered_layout(sp, query, position_ids)
+        offset = capture_ulysses.head_offset(sp, query.shape[2], num_heads)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, L, D), as the attention function's
+        self._record(layer, query, key, mask, kwargs, forward, offset, num_heads)
 
     def _record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any, kwargs: dict,
-                forward: _Forward) -> None:
+                forward: _Forward, head_offset: int = 0, num_heads_total: int | None = None) -> None:
         if layer in forward.stats:
             raise CaptureError(
                 f"layer {layer} ran twice in one forward (gradient checkpointing recompute?); "
@@ -296,8 +331,9 @@ class AttentionCapture:
         with torch.no_grad():
             layout = forward.layout
             q, k = layout.pack(query), layout.pack(key)
-            forward.stats[layer] = stats_engine.packed_token_stats(q, k, layout.sequences, self.cfg, scale=scale,
-                                                                   chunk_size=self.chunk_size)
+            forward.stats[layer] = stats_engine.packed_token_stats(
+                q, k, layout.sequences, self.cfg, scale=scale, head_offset=head_offset,
+                num_heads_total=num_heads_total, chunk_size=self.chunk_size)
             if self.map_bins is not None:  # analysis only: a loop over the sequences
                 bounds = layout.sequences.bounds
                 forward.maps[layer] = [
@@ -393,6 +429,8 @@ class _Registry:
             if not any(active is capture for active in self.active):
                 return
             self.active = tuple(active for active in self.active if active is not capture)
+            if not self.active:
+                capture_ulysses.remove_hook()
             name = capture.implementation
             if any(active.implementation == name for active in self.active):
                 return
@@ -414,9 +452,19 @@ def _dispatcher(original: Callable | None) -> Callable:
 
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any):
         mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")  # args: (value, attention_mask, ...)
-        for capture in _REGISTRY.active:
+        active = _REGISTRY.active
+        for capture in active:
             capture._observe(module, query, key, mask, kwargs)
         function = original or eager_default(type(module))
-        return function(module, query, key, *args, **kwargs)
+        output = function(module, query, key, *args, **kwargs)
+        for capture in active:
+            capture._observed(module)
+        return output
 
     return attention
+
+
+def _observe_gathered(query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+    """Shows verl's inner flash call under Ulysses SP to each active capture (`capture_ulysses`)."""
+    for capture in _REGISTRY.active:
+        capture._observe_gathered(query, key, position_ids)

@@ -302,16 +302,21 @@ def _check_attention_backend(config: DictConfig, estimator: str) -> None:
             "from Hugging Face attention modules, which only verl's FSDP engines run; set "
             "actor_rollout_ref.actor.strategy=fsdp (verl's default) or fsdp2, or use anchor_random / anchor_entropy"
         )
+    # Ulysses SP: the capture reads verl's flash-attention call after its all-to-all (capture_ulysses). verl's
+    # HFModelConfig takes the actor's attention implementation from this option (default flash_attention_2).
+    implementation = str((config.actor_rollout_ref.model.get("override_config", None) or {}).get(
+        "attn_implementation", "flash_attention_2"))
     for key, value in (
         ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", actor.get("ulysses_sequence_parallel_size", 1)),
         ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
          actor.get("fsdp_config", {}).get("ulysses_sequence_parallel_size", 1)),
     ):
-        if value is not None and int(value) > 1:
+        if value is not None and int(value) > 1 and not implementation.startswith("flash_attention"):
             raise ValueError(
-                f"{key}={value} is not supported by {estimator}: with Ulysses sequence parallelism each rank's "
-                f"attention function sees only a slice of every sequence's keys (docs/usage.md); set {key}=1, "
-                "or use anchor_random / anchor_entropy"
+                f"{key}={value} with actor_rollout_ref.model.override_config.attn_implementation={implementation} is "
+                f"not supported by {estimator}: verl's Ulysses all-to-all runs only inside flash attention, so each "
+                f"rank's {implementation} attention sees only its slice of every sequence (docs/usage.md); use "
+                f"attn_implementation=flash_attention_2 (verl's default), or set {key}=1"
             )
 
 

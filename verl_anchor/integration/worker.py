@@ -12,7 +12,8 @@ restores the original row order (dynamic batch sizes) and stores it in TransferQ
 * `anchor_waad` (nested, one value per response token): WAAD averaged over the local heads;
 * `anchor_fai` (nested, per response token, NaN = undefined): FAI over the global heads;
 * `anchor_seq` (nested, 3 values per sequence): local-group span, global-group span, and the
-  seconds this sequence's statistics took (its micro-batch's time split evenly).
+  seconds this sequence's statistics took (its micro-batch's time split evenly; under Ulysses
+  sequence parallelism, summed over the SP ranks).
 
 Values belong to the token *at* each response position (not shifted like log-probs).
 No second forward, no model copy; the capture is inert outside this call.
@@ -32,6 +33,7 @@ from verl.experimental.separation.engine_workers import DetachActorWorker
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from verl_anchor.capture import AttentionCapture
+from verl_anchor.capture_ulysses import gather_head_span, sequence_parallel_group, sum_over_ranks
 from verl_anchor.config import AnchorConfig
 from verl_anchor.stats_engine import PackedTokenStats, packed_response_signals
 
@@ -44,18 +46,25 @@ def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture:
     """The stand-in "loss" of the statistics pass: writes the per-token anchor outputs of a micro-batch.
 
     All responses at once (`stats_engine.packed_response_signals`) on the statistics' device; one host
-    sync per micro-batch, to check that the captured sequences are the micro-batch's.
+    sync per micro-batch, to check that the captured sequences are the micro-batch's. Under Ulysses
+    sequence parallelism each rank holds some heads: the ranks combine theirs (`capture_ulysses`; two
+    more syncs) and every rank writes the same outputs.
     """
     start = time.perf_counter()
     stats = _micro_batch_stats(capture.pop_packed(), data)
     device = stats.row_span.device
     lengths, num_response_tokens = _response_lengths(data)
-    signals = packed_response_signals(stats, lengths.to(device), cfg, num_response_tokens=num_response_tokens)
+    lengths = lengths.to(device)
+    group = sequence_parallel_group() if stats.heads_per_layer != stats.num_heads_total else None
+    signals = packed_response_signals(stats, lengths, cfg, num_response_tokens=num_response_tokens,
+                                      head_span=None if group is None else gather_head_span(stats, lengths, group))
     num_sequences = stats.sequences.num_sequences
     seconds = (capture.seconds + time.perf_counter() - start) / max(1, num_sequences)
     capture.seconds = 0.0
+    if group is not None:  # the group's time on this micro-batch
+        signals, seconds = sum_over_ranks(signals, seconds, group)
     out = model_output["log_probs"].device if "log_probs" in model_output else torch.device("cpu")
-    per_sequence = torch.stack([signals.span_loc, signals.span_glob, torch.full_like(signals.span_loc, seconds)], 1)
+    per_sequence = torch.stack([signals.span_loc, signals.span_glob, torch.zeros_like(signals.span_loc) + seconds], 1)
     model_output["anchor_waad"] = _nested(signals.waad, signals.cu_response, out)
     model_output["anchor_fai"] = _nested(signals.fai, signals.cu_response, out)
     model_output["anchor_seq"] = _nested(per_sequence.flatten(), torch.arange(num_sequences + 1, device=device) * 3,
