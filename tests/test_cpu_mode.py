@@ -282,3 +282,10 @@ def test_main_ppo_grpo_runs_on_cpu(tmp_path, layout):
         assert metrics["training/rollout_probs_diff_max"] < 1e-4
     # Responses stopped at eos before the length limit, so sequences really differ in length.
     assert min(m["response_length/mean"] for m in steps.values()) < 32
+
+
+def test_step_metrics_read_numpy_scalars_as_the_legacy_trainer_prints_them():
+    from verl_anchor.cpu.launch import parse_step_metrics
+
+    log = "noise\nstep:3 - critic/vf_loss:np.float64(0.081) - actor/lr:1e-05 - b:np.float32(-2e-3) - c:text\n"
+    assert parse_step_metrics(log) == {3: {"critic/vf_loss": 0.081, "actor/lr": 1e-05, "b": -0.002}}

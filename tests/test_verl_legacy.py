@@ -244,3 +244,40 @@ def test_recipes_that_import_metrics_before_the_trainer_get_the_patched_function
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_recipes_that_leave_out_config_get_the_processs_anchor_trainer():
+    """verl-recipe's PRIME, SPPO, ... call compute_advantage without config=."""
+    from verl.trainer.ppo import ray_trainer
+
+    trainer, with_config = advantage_step(["algorithm.adv_estimator=anchor_coupled"])
+    without = ray_trainer.compute_advantage(padded_batch(), adv_estimator="anchor_coupled", num_repeat=2)
+    assert torch.equal(without.batch["advantages"], with_config.batch["advantages"])
+    other = BareTrainer(compose_verl(["algorithm.adv_estimator=anchor_coupled"]))
+    with pytest.raises(RuntimeError, match="holds 2 anchor trainers: pass config=self.config.algorithm"):
+        ray_trainer.compute_advantage(padded_batch(), adv_estimator="anchor_coupled", num_repeat=2)
+    del trainer, other
+
+
+def test_a_gae_base_on_a_trainer_built_without_a_critic_is_refused_before_its_workers():
+    trainer = object.__new__(BareTrainer)
+    trainer.config = compose_verl(["algorithm.adv_estimator=anchor_coupled", "+algorithm.anchor.base_estimator=gae"])
+    trainer.role_worker_mapping, trainer.use_critic = {}, False  # what __init__ decided with critic.enable unset
+    with pytest.raises(ValueError, match="built without one .* set critic.enable=true"):
+        legacy._with_anchor_workers(build_workers)(trainer)
+    assert not hasattr(trainer, "actor_rollout_wg")
+
+
+@pytest.mark.parametrize("use_v1, base, refused", [
+    ("false", "gdpo", None), ("false", "optimal_token_baseline", None),
+    ("false", "remax", "RayPPOTrainer.fit generates the greedy reward_baselines"),
+    ("true", "gdpo", "v1 trainer does not give it the raw batch"),
+])
+def test_bases_are_refused_by_what_the_trainer_in_use_cannot_run(use_v1, base, refused):
+    config = compose_verl(["algorithm.adv_estimator=anchor_coupled", f"+algorithm.anchor.base_estimator={base}",
+                           f"trainer.use_v1={use_v1}"])
+    if refused is None:
+        assert read_settings(config).base_estimator == base
+    else:
+        with pytest.raises(ValueError, match=refused):
+            read_settings(config)

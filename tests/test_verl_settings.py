@@ -86,6 +86,7 @@ def test_gae_base_turns_the_critic_on_unless_the_user_turned_it_off():
     (BASE + ["+algorithm.anchor.base_estimator=anchor_random"], "the base must be a plain verl estimator"),
     (BASE + ["algorithm.rollout_correction.bypass_mode=true"], "set algorithm.rollout_correction.bypass_mode=false"),
     (BASE + ["actor_rollout_ref.actor.strategy=megatron"], "actor_rollout_ref.actor.strategy=megatron is not supported"),
+    (BASE + ["+trainer.data_plane=neoproto"], "set trainer.data_plane=classic"),  # verl's neo branch
     (BASE + ["actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
              "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"],
      "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 with actor_rollout_ref.model.override_config."

@@ -79,7 +79,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from verl_anchor import capture_ulysses, stats_engine
 from verl_anchor.capture_checks import (
@@ -97,6 +96,8 @@ from verl_anchor.capture_checks import (
 )
 from verl_anchor.capture_layout import SequenceLayout, find_sequences, sequence_segments
 from verl_anchor.config import AnchorConfig
+from verl_anchor.integration import verl_api
+from verl_anchor.integration.verl_api import ALL_ATTENTION_FUNCTIONS
 from verl_anchor.metrics import DEFAULT_CHUNK, TokenStats, attention_map, select_layers
 from verl_anchor.stats_engine import PackedTokenStats
 
@@ -417,7 +418,7 @@ class _Registry:
             capture._thread = thread
             name = capture.implementation
             if name not in self._installed:
-                previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get(name, _MISSING)
+                previous = _local_mapping().get(name, _MISSING)
                 original = ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS else None
                 dispatcher = _dispatcher(original)
                 ALL_ATTENTION_FUNCTIONS[name] = dispatcher
@@ -436,14 +437,19 @@ class _Registry:
                 return
             dispatcher, previous = self._installed.pop(name)
             # Put back what was there, unless someone replaced the dispatcher since (theirs stays).
-            if ALL_ATTENTION_FUNCTIONS._local_mapping.get(name) is dispatcher:
+            if _local_mapping().get(name) is dispatcher:
                 if previous is _MISSING:
-                    del ALL_ATTENTION_FUNCTIONS._local_mapping[name]
+                    del _local_mapping()[name]
                 else:
-                    ALL_ATTENTION_FUNCTIONS._local_mapping[name] = previous
+                    _local_mapping()[name] = previous
 
 
 _REGISTRY = _Registry()
+
+
+def _local_mapping() -> dict:
+    """The layer of `ALL_ATTENTION_FUNCTIONS` that registrations write to (a transformers internal)."""
+    return verl_api.resolve("ALL_ATTENTION_FUNCTIONS._local_mapping")
 
 
 def _dispatcher(original: Callable | None) -> Callable:

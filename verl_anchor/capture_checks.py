@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from verl_anchor import stats_engine
+from verl_anchor.integration import verl_api
+from verl_anchor.integration.verl_api import ALL_ATTENTION_FUNCTIONS
 
 # Layer kinds of `config.layer_types` that are softmax attention over q.k (Jamba says "attention").
 _ATTENTION_KINDS = ("full_attention", "attention", "sliding_attention", "chunked_attention")

@@ -29,11 +29,12 @@ import torch
 import torch.distributed as dist
 
 from verl_anchor.capture_checks import CaptureError
+from verl_anchor.integration import verl_api
 from verl_anchor.capture_layout import SequenceLayout, find_sequences
 from verl_anchor.stats_engine import PackedResponseSignals, PackedTokenStats, response_head_span
 
-INNER = "verl.models.transformers.monkey_patch"  # its `_flash_attention_forward` is what verl's wrapper calls
-_FIX = "set ulysses_sequence_parallel_size=1"
+INNER = verl_api.PINS["ulysses_flash_attention_forward"].module  # its `_flash_attention_forward`: what verl's wrapper calls
+_FIX = "set actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"
 
 
 @dataclasses.dataclass
@@ -50,8 +51,9 @@ class UlyssesForward:
 def sequence_parallel_group() -> Any:
     """verl's Ulysses group while one with more than one rank is set (verl's engine sets it around its forwards),
     else None."""
-    ulysses = sys.modules.get("verl.utils.ulysses")  # not imported: nobody set a group
-    group = None if ulysses is None else ulysses.get_ulysses_sequence_parallel_group()
+    if verl_api.PINS["get_ulysses_sequence_parallel_group"].module not in sys.modules:
+        return None  # not imported: nobody set a group
+    group = verl_api.resolve("get_ulysses_sequence_parallel_group")()
     return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
@@ -59,11 +61,11 @@ def begin(group: Any, implementation: str, call: dict, tokens: torch.Tensor, map
           observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]) -> UlyssesForward:
     """Check the decoder's inputs of an SP forward and wrap verl's inner flash call (`observe` sees each one)."""
     size = dist.get_world_size(group)
-    if "flash" not in implementation:
+    if not implementation.startswith("flash_attention"):  # the rule settings applies at start-up
         raise CaptureError(
             f"Ulysses sequence parallelism over {size} ranks with attn_implementation={implementation!r}: verl "
             "all-to-alls the sequences only inside flash attention, so this attention sees a slice of every sequence; "
-            f"use attn_implementation='flash_attention_2' (verl's default), or {_FIX}")
+            f"use actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2 (verl's default), or {_FIX}")
     positions = call.get("position_ids")
     if tokens.shape[0] != 1 or call.get("attention_mask") is not None or positions is None or positions.dim() != 2:
         raise CaptureError(
@@ -114,7 +116,7 @@ class _InnerHook:
             if self._installed is not None:
                 return
             module = importlib.import_module(INNER)
-            original = module._flash_attention_forward
+            original = verl_api.resolve("ulysses_flash_attention_forward")
 
             def inner(query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
                 observe(query, key, kwargs.get("position_ids"))

@@ -60,7 +60,7 @@ def check_estimator(name: str) -> None:
     plain = ("gae", "grpo")  # verl computes gae outside its registry
     if name in ANCHOR_ESTIMATORS or name in plain:
         return
-    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+    from verl_anchor.integration.verl_api import ADV_ESTIMATOR_REGISTRY
 
     verl_names = sorted({*ADV_ESTIMATOR_REGISTRY, *plain} - set(ANCHOR_ESTIMATORS))
     if name in verl_names:

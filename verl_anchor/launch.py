@@ -92,10 +92,8 @@ def validate(config: Any) -> None:
     """verl's `validate_config` as `main_ppo` calls it, then the anchor checks; `UsageError` naming the problem."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    from verl.trainer.ppo.utils import need_critic, need_reference_policy
-    from verl.utils.config import validate_config
-
     from verl_anchor.integration.settings import prepare_config
+    from verl_anchor.integration.verl_api import need_critic, need_reference_policy, validate_config
 
     _check_anchor_types(config)
     try:

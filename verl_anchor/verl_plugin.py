@@ -22,7 +22,6 @@ with the traceback, so a broken install is visible.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.abc
 import logging
@@ -86,20 +85,17 @@ def _after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
 
 
 def _with_anchor_checks(validate_config):
-    """verl's `validate_config`, preceded by the anchor completion and checks (idempotent wrapper)."""
-    if getattr(validate_config, "_verl_anchor", False):
-        return validate_config
+    """verl's `validate_config`, preceded by the anchor completion and checks."""
 
-    @functools.wraps(validate_config)
     def validate(config, *args, **kwargs):
-        from verl.trainer.ppo.utils import need_critic
-
         from verl_anchor.integration.settings import prepare_config
         from verl_anchor.rewards import check_reward_config
 
         check_reward_config(config)
         settings = prepare_config(config)
         if settings is not None and settings.base_estimator == "gae":
+            from verl_anchor.integration.verl_api import need_critic
+
             # main_ppo computed use_critic before this ran; the gae base may just have enabled the critic.
             if "use_critic" in kwargs:
                 kwargs["use_critic"] = need_critic(config)
@@ -107,39 +103,30 @@ def _with_anchor_checks(validate_config):
                 args = (args[0], need_critic(config), *args[2:])
         return validate_config(config, *args, **kwargs)
 
-    validate._verl_anchor = True
     return validate
 
 
 def _with_entry_point_check(auto_set_device):
     """verl's `auto_set_device` (every entry point's first call on the config), preceded by `check_entry_point`."""
-    if getattr(auto_set_device, "_verl_anchor", False):
-        return auto_set_device
 
-    @functools.wraps(auto_set_device)
     def set_device(config, *args, **kwargs):
         from verl_anchor.integration.settings import check_entry_point
 
         check_entry_point(config)
         return auto_set_device(config, *args, **kwargs)
 
-    set_device._verl_anchor = True
     return set_device
 
 
 def _with_anchor_trainers(get_trainer_cls):
-    """verl's `get_trainer_cls`, returning the anchor variant of each mode's class (idempotent wrapper)."""
-    if getattr(get_trainer_cls, "_verl_anchor", False):
-        return get_trainer_cls
+    """verl's `get_trainer_cls`, returning the anchor variant of each mode's class."""
 
-    @functools.wraps(get_trainer_cls)
     def lookup(name):
         from verl_anchor.integration.settings import LEGACY_TRAINER_MODE
         from verl_anchor.integration.trainer import anchor_trainer_cls
 
         return anchor_trainer_cls(get_trainer_cls("sync" if name == LEGACY_TRAINER_MODE else name))
 
-    lookup._verl_anchor = True
     return lookup
 
 
@@ -150,22 +137,23 @@ def _register_estimators(core_algos: ModuleType) -> None:
 
 
 def _wrap_trainer_lookup(v1: ModuleType) -> None:
-    from verl.trainer.ppo.v1 import trainer_base
+    from verl_anchor.integration import verl_api
 
     # main_ppo's TaskRunner reads the package attribute at call time; trainer_base's for other callers.
-    v1.get_trainer_cls = trainer_base.get_trainer_cls = _with_anchor_trainers(trainer_base.get_trainer_cls)
+    verl_api.patch("get_trainer_cls", _with_anchor_trainers)
+    verl_api.patch("v1.get_trainer_cls", _with_anchor_trainers)
 
 
 def _patch_legacy_trainer(ray_trainer: ModuleType) -> None:
     from verl_anchor.integration.legacy import patch_ray_trainer
 
-    patch_ray_trainer(ray_trainer)
+    patch_ray_trainer()
 
 
 def _patch_metric_utils(metric_utils: ModuleType) -> None:
     from verl_anchor.integration.legacy import patch_metric_utils
 
-    patch_metric_utils(metric_utils)
+    patch_metric_utils()
 
 
 def _register_cpu_mode(rollout: ModuleType | None = None) -> None:
@@ -174,20 +162,20 @@ def _register_cpu_mode(rollout: ModuleType | None = None) -> None:
 
 def register() -> None:
     """Register everything with verl (the heavy parts on import of the verl module they patch). Idempotent."""
-    import verl.utils.config as verl_config
-    import verl.utils.device as verl_device
+    from verl_anchor.integration import verl_api
 
     if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu":
         _register_cpu_mode()  # first: importing verl's trainer resolves the platform
     else:
-        _after_import("verl.workers.rollout", _register_cpu_mode)
-    verl_config.validate_config = _with_anchor_checks(verl_config.validate_config)
-    verl_device.auto_set_device = _with_entry_point_check(verl_device.auto_set_device)
-    _after_import("verl.trainer.ppo.core_algos", _register_estimators)
-    _after_import("verl.trainer.ppo.v1", _wrap_trainer_lookup)
+        _after_import(verl_api.PINS["rollout"].module, _register_cpu_mode)
+    verl_api.patch("validate_config", _with_anchor_checks)
+    verl_api.patch("auto_set_device", _with_entry_point_check)
+    pins = verl_api.PINS
+    _after_import(pins["register_adv_est"].module, _register_estimators)
+    _after_import(pins["v1.get_trainer_cls"].module, _wrap_trainer_lookup)
     # metric_utils first: recipes (DAPO) import compute_data_metrics from it before they import ray_trainer.
-    _after_import("verl.trainer.ppo.metric_utils", _patch_metric_utils)
-    _after_import("verl.trainer.ppo.ray_trainer", _patch_legacy_trainer)
+    _after_import(pins["metric_utils.compute_data_metrics"].module, _patch_metric_utils)
+    _after_import(pins["ray_trainer.compute_advantage"].module, _patch_legacy_trainer)
 
 
 try:

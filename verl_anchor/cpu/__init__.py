@@ -35,7 +35,9 @@ def register() -> None:
     """Register the CPU platform and the hf rollout with verl. Idempotent, cheap, any process."""
     # Import verl before our platform module, so that when this is the process's first verl import,
     # verl itself imports the (then complete) platform module from VERL_USE_EXTERNAL_MODULES.
-    import verl.plugin.platform  # noqa: F401
+    from verl_anchor.integration import verl_api
+
+    verl_api.resolve("PlatformRegistry")  # imports verl.plugin.platform
 
     # The platform before the rollout modules: importing those may already resolve the platform.
     from verl_anchor.cpu.platform import patch_init_process_group, patch_valuehead_loader, register_platform
@@ -44,12 +46,10 @@ def register() -> None:
     patch_init_process_group()
     patch_valuehead_loader()
 
-    from verl.workers.rollout.base import _ROLLOUT_REGISTRY
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    _ROLLOUT_REGISTRY.setdefault(("hf", "async"), _ROLLOUT_ADAPTER)
-    if "hf" not in RolloutReplicaRegistry._registry:
-        RolloutReplicaRegistry.register("hf", _load_hf_replica)
+    rollouts, replicas = verl_api.resolve("_ROLLOUT_REGISTRY"), verl_api.resolve("RolloutReplicaRegistry")
+    rollouts.setdefault(("hf", "async"), _ROLLOUT_ADAPTER)
+    if "hf" not in replicas._registry:
+        replicas.register("hf", _load_hf_replica)
 
 
 def cpu_env(extra_modules: Sequence[str] = ()) -> dict[str, str]:

@@ -23,6 +23,9 @@ from verl_anchor.usage import UsageError
 _STEP_LINE = re.compile(r"step:(\d+) - (.*)$")
 
 
+_NUMPY_REPR = re.compile(r"^np\.\w+\((.*)\)$")
+
+
 def parse_step_metrics(log: str) -> dict[int, dict[str, float]]:
     """The numeric metrics of every `step:N - key:value - ...` line verl's console logger prints."""
     steps: dict[int, dict[str, float]] = {}
@@ -33,8 +36,8 @@ def parse_step_metrics(log: str) -> dict[int, dict[str, float]]:
         metrics = {}
         for item in match.group(2).split(" - "):
             key, _, value = item.rpartition(":")
-            try:
-                metrics[key.strip()] = float(value)
+            try:  # the legacy trainer prints numpy scalars by repr: `np.float64(0.081)`
+                metrics[key.strip()] = float(_NUMPY_REPR.sub(r"\1", value.strip()))
             except ValueError:
                 continue
         steps[int(match.group(1))] = metrics

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed
-from verl.plugin.platform import PlatformBase, PlatformRegistry
+
+from verl_anchor.integration import verl_api
+from verl_anchor.integration.verl_api import PlatformBase, PlatformRegistry
 
 __all__ = ["PlatformCPU", "cpu_platform_active", "patch_init_process_group", "register_platform"]
 
@@ -210,13 +212,10 @@ def patch_valuehead_loader() -> None:
     `trl`, not installed). Under the CPU platform the same model is built with the implementation
     the critic's config asks for (`critic.model.override_config.attn_implementation`). Idempotent.
     """
-    import verl.utils.model as verl_model
+    verl_api.patch("load_valuehead_model", _with_cpu_attention)
 
-    original: Callable[..., Any] = verl_model.load_valuehead_model
-    if getattr(original, "_verl_anchor_cpu", False):
-        return
 
-    @functools.wraps(original)
+def _with_cpu_attention(original: Callable[..., Any]) -> Callable[..., Any]:
     def load_valuehead_model(local_path: str, torch_dtype: Any, model_config: Any, trust_remote_code: bool) -> Any:
         if not cpu_platform_active():
             return original(local_path, torch_dtype, model_config, trust_remote_code)
@@ -227,8 +226,7 @@ def patch_valuehead_loader() -> None:
             attn_implementation=getattr(model_config, "_attn_implementation", None) or "sdpa",
         )
 
-    load_valuehead_model._verl_anchor_cpu = True  # type: ignore[attr-defined]
-    verl_model.load_valuehead_model = load_valuehead_model
+    return load_valuehead_model
 
 
 def register_platform() -> None:

@@ -26,8 +26,8 @@ from typing import Any
 import ray
 import torch
 from transformers import AutoModelForCausalLM
-from verl.workers.rollout.base import BaseRollout
-from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
+
+from verl_anchor.integration.verl_api import BaseRollout, RolloutMode, RolloutReplica, TokenOutput
 
 __all__ = ["HFReplica", "HFServer", "HFServerAdapter", "server_name"]
 

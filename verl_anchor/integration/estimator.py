@@ -25,7 +25,7 @@ def refuse_outside_anchor_trainer(*args: Any, **kwargs: Any) -> Any:
 
 def register_estimators() -> None:
     """Register every anchor estimator name (idempotent: verl accepts the same function again)."""
-    from verl.trainer.ppo.core_algos import register_adv_est
+    from verl_anchor.integration.verl_api import register_adv_est
 
     for name in ANCHOR_ESTIMATORS:
         register_adv_est(name)(refuse_outside_anchor_trainer)

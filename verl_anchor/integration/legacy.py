@@ -20,7 +20,6 @@ always with the base estimator's name, so nothing is scaled twice.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
@@ -28,16 +27,17 @@ import time
 import weakref
 from collections import defaultdict
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 import torch
-from verl.utils import tensordict_utils as tu
+from tensordict import TensorDict
 
 from verl_anchor.credit import response_seed
 from verl_anchor.integration.advantage import ResponseBatch, padded, token_digest, scale_advantages, write_dump
 from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
+from verl_anchor.integration import verl_api
 from verl_anchor.integration.settings import ANCHOR_ESTIMATORS, prepare_config
+from verl_anchor.integration.verl_api import tensordict_utils as tu
 
 # `integration.worker` (verl's engine workers) is imported on first use: this module is imported
 # right after verl's ray_trainer, which may itself be mid-way through importing them.
@@ -50,26 +50,17 @@ ENTROPY_KEY = "anchor_entropy"  # verl drops the old-log-prob entropy before the
 _TRAINERS: dict[int, weakref.ref] = {}
 
 
-def patch_ray_trainer(ray_trainer: ModuleType) -> None:
+def patch_ray_trainer() -> None:
     """Patch `verl.trainer.ppo.ray_trainer` in place (idempotent)."""
-    trainer_cls = ray_trainer.RayPPOTrainer
-    trainer_cls.init_workers = _once(trainer_cls.init_workers, _with_anchor_workers)
-    trainer_cls._compute_old_log_prob = _once(trainer_cls._compute_old_log_prob, _with_anchor_statistics)
-    ray_trainer.compute_advantage = _once(ray_trainer.compute_advantage, _with_anchor_credit)
-    ray_trainer.compute_data_metrics = _once(ray_trainer.compute_data_metrics, _with_anchor_metrics)
+    verl_api.patch("RayPPOTrainer.init_workers", _with_anchor_workers)
+    verl_api.patch("RayPPOTrainer._compute_old_log_prob", _with_anchor_statistics)
+    verl_api.patch("ray_trainer.compute_advantage", _with_anchor_credit)
+    verl_api.patch("ray_trainer.compute_data_metrics", _with_anchor_metrics)
 
 
-def patch_metric_utils(metric_utils: ModuleType) -> None:
+def patch_metric_utils() -> None:
     """Patch `verl.trainer.ppo.metric_utils.compute_data_metrics`, which recipes import from there (idempotent)."""
-    metric_utils.compute_data_metrics = _once(metric_utils.compute_data_metrics, _with_anchor_metrics)
-
-
-def _once(function: Callable, wrap: Callable[[Callable], Callable]) -> Callable:
-    if getattr(function, "_verl_anchor", False):
-        return function
-    wrapped = functools.wraps(function)(wrap(function))
-    wrapped._verl_anchor = True
-    return wrapped
+    verl_api.patch("metric_utils.compute_data_metrics", _with_anchor_metrics)
 
 
 def _with_anchor_workers(init_workers: Callable) -> Callable:
@@ -79,6 +70,10 @@ def _with_anchor_workers(init_workers: Callable) -> Callable:
         self.anchor = prepare_config(self.config)
         if self.anchor is None:
             return init_workers(self, *args, **kwargs)
+        if self.anchor.base_estimator == "gae" and not getattr(self, "use_critic", True):
+            # RayPPOTrainer.__init__ decided before this ran; verl's validate_config (main_ppo's driver) turns it on.
+            raise ValueError("algorithm.anchor.base_estimator=gae needs verl's critic, but this trainer was built "
+                             "without one (critic.enable was unset when it was constructed): set critic.enable=true")
         use_anchor_workers(self.role_worker_mapping)
         _TRAINERS[id(self.config.algorithm)] = weakref.ref(self)
         result = init_workers(self, *args, **kwargs)
@@ -102,6 +97,9 @@ def _with_anchor_statistics(compute_old_log_prob: Callable) -> Callable:
         rpc = group.compute_log_prob
 
         def compute_log_prob(data, *rpc_args, **rpc_kwargs):
+            if not isinstance(data, TensorDict):  # a data plane that moves references (verl's neo NeoProto)
+                raise RuntimeError(f"{settings.estimator}: the old-log-prob call sends a {type(data).__name__}, not a "
+                                   "TensorDict; the anchor options cannot ride with it (trainer.data_plane=classic)")
             if settings.cfg.needs_attention:
                 tu.assign_non_tensor(data, **{ANCHOR_OPTIONS_KEY: settings.cfg.to_dict()})
             output = rpc(data, *rpc_args, **rpc_kwargs)
@@ -135,10 +133,7 @@ def _with_anchor_credit(compute_advantage: Callable) -> Callable:
         estimator = str(getattr(call.arguments["adv_estimator"], "value", call.arguments["adv_estimator"]))
         if estimator not in ANCHOR_ESTIMATORS:
             return compute_advantage(*args, **kwargs)
-        algorithm = call.arguments.get("config", None)
-        trainer = _TRAINERS.get(id(algorithm), lambda: None)()
-        if trainer is None or trainer.config.algorithm is not algorithm:
-            refuse_outside_anchor_trainer()
+        trainer = _trainer_for(call.arguments.get("config", None))
         call.arguments["adv_estimator"] = trainer.anchor.base_estimator
         data = compute_advantage(*call.args, **call.kwargs)
         start = time.perf_counter()
@@ -148,6 +143,21 @@ def _with_anchor_credit(compute_advantage: Callable) -> Callable:
         return data
 
     return compute
+
+
+def _trainer_for(algorithm: Any) -> Any:
+    """The anchor trainer whose `config.algorithm` a compute_advantage call passed; without one (recipes that
+    leave `config=` out: PRIME, SPPO, ...), the process's one anchor trainer."""
+    if algorithm is None:
+        live = [trainer for trainer in (ref() for ref in _TRAINERS.values()) if trainer is not None]
+        if len(live) == 1:
+            return live[0]
+        raise RuntimeError(f"compute_advantage was called with an anchor estimator and no config, and this process "
+                           f"holds {len(live)} anchor trainers: pass config=self.config.algorithm to tell them apart")
+    trainer = _TRAINERS.get(id(algorithm), lambda: None)()
+    if trainer is None or trainer.config.algorithm is not algorithm:
+        refuse_outside_anchor_trainer()
+    return trainer
 
 
 def anchor_credit(trainer: Any, data: Any) -> dict[str, float]:

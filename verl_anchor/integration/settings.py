@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from verl_anchor.config import AnchorConfig
+from verl_anchor.integration import verl_api
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +38,18 @@ LEGACY_TRAINER_MODE = "anchor_sync"
 DEFAULT_BASE_ESTIMATOR = "grpo"
 # verl 0.9.1's placeholder for critic.model.path (trainer/config/critic/critic.yaml): never a real model.
 VERL_PLACEHOLDER_CRITIC_PATH = "~/models/deepseek-llm-7b-chat"
-# Base estimators verl 0.9.1's v1 trainer cannot run even under their own name, and why.
-UNSUPPORTED_BASES = {
+# Base estimators each verl 0.9.1 trainer cannot run under the anchor name, and why.
+UNSUPPORTED_BASES: dict[str, dict[str, str]] = {"v1": {
     "gdpo": "verl 0.9.1's v1 trainer does not give it the raw batch and reward keys it needs "
             "(it fails natively too)",
     "optimal_token_baseline": "verl 0.9.1's v1 trainer never computes sum_pi_squared for it (it fails natively too)",
     "tir_optimal_token_baseline": "verl 0.9.1's v1 trainer never computes sum_pi_squared for it "
                                   "(it fails natively too)",
     "remax": "verl 0.9.1's v1 trainer never computes the greedy reward_baselines it needs (it fails natively too)",
-}
+}, "legacy": {
+    "remax": "verl's RayPPOTrainer.fit generates the greedy reward_baselines it needs only when "
+             "algorithm.adv_estimator=remax itself",
+}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +169,12 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
         return None
     if config.trainer.get("use_v1", True):
         _check_transfer_queue(estimator)
+    # verl's neo branch: the legacy trainer's batches may move as references (NeoProto), which carry only the
+    # fields verl itself names, not the statistics the anchor step adds to the old-log-prob batch.
+    data_plane = config.trainer.get("data_plane", "classic")
+    if data_plane != "classic":
+        raise ValueError(f"trainer.data_plane={data_plane} is not supported by {estimator}: its batches carry only "
+                         "the fields verl names, not the anchor statistics; set trainer.data_plane=classic")
     options = anchor_block(config)
     base, why = choose_base_estimator(config, options.pop("base_estimator", None))
     enable = options.pop("enable", True)
@@ -193,6 +203,8 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
         )
     if cfg.needs_attention:
         _check_attention_backend(config, estimator)
+    # Last: the messages above name options the user can change; this one, the verl install.
+    verl_api.check_installed(verl_pipelines(config, cfg))
     logger.warning("verl_anchor: %s runs on the %s base estimator (%s)", estimator, base, why)
     return AnchorSettings(cfg=cfg, estimator=estimator, base_estimator=base, dump_dir=dump_dir)
 
@@ -249,9 +261,9 @@ def replaced_estimator(overrides: Sequence[str]) -> str | None:
 
 def _check_not_a_typo(estimator: str) -> None:
     """An unregistered name one letter off an anchor estimator would fail only at the first advantage step."""
-    from verl.trainer.ppo import core_algos
+    from verl_anchor.integration.verl_api import ADV_ESTIMATOR_REGISTRY
 
-    if estimator in core_algos.ADV_ESTIMATOR_REGISTRY or estimator in ("gae", "grpo"):
+    if estimator in ADV_ESTIMATOR_REGISTRY or estimator in ("gae", "grpo"):
         return
     # A strategy's bare name (coupled), or one letter off an estimator name (anchor_copuled).
     by_strategy = {strategy: name for name, strategy in ANCHOR_ESTIMATORS.items()}
@@ -266,17 +278,18 @@ def _check_not_a_typo(estimator: str) -> None:
 
 
 def _check_base_estimator(config: DictConfig, base: str) -> None:
-    from verl.trainer.ppo import core_algos
+    from verl_anchor.integration.verl_api import ADV_ESTIMATOR_REGISTRY
 
     if base in ANCHOR_ESTIMATORS:
         raise ValueError(f"algorithm.anchor.base_estimator={base} is invalid: the base must be a plain verl estimator "
                          "such as grpo, gae, rloo or reinforce_plus_plus")
-    if base in UNSUPPORTED_BASES:
-        raise ValueError(f"algorithm.anchor.base_estimator={base} is not supported: {UNSUPPORTED_BASES[base]}; "
+    unsupported = UNSUPPORTED_BASES["v1" if config.trainer.get("use_v1", True) else "legacy"]
+    if base in unsupported:
+        raise ValueError(f"algorithm.anchor.base_estimator={base} is not supported: {unsupported[base]}; "
                          "use grpo (default), gae, rloo, reinforce_plus_plus, ...")
-    known = {"grpo", "gae"} | set(core_algos.ADV_ESTIMATOR_REGISTRY)
+    known = {"grpo", "gae"} | set(ADV_ESTIMATOR_REGISTRY)
     if base not in known:
-        plain = sorted(k for k in known if k not in ANCHOR_ESTIMATORS and k not in UNSUPPORTED_BASES)
+        plain = sorted(k for k in known if k not in ANCHOR_ESTIMATORS and k not in unsupported)
         raise ValueError(f"algorithm.anchor.base_estimator={base} is not a registered verl estimator; "
                          f"choose one of {', '.join(plain)}")
     if base == "gae" and config.critic.get("enable", None) is False:
@@ -306,18 +319,33 @@ def _check_attention_backend(config: DictConfig, estimator: str) -> None:
     # HFModelConfig takes the actor's attention implementation from this option (default flash_attention_2).
     implementation = str((config.actor_rollout_ref.model.get("override_config", None) or {}).get(
         "attn_implementation", "flash_attention_2"))
-    for key, value in (
-        ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", actor.get("ulysses_sequence_parallel_size", 1)),
-        ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
-         actor.get("fsdp_config", {}).get("ulysses_sequence_parallel_size", 1)),
-    ):
-        if value is not None and int(value) > 1 and not implementation.startswith("flash_attention"):
+    for key, value in ulysses_sizes(actor):
+        if value > 1 and not implementation.startswith("flash_attention"):
             raise ValueError(
                 f"{key}={value} with actor_rollout_ref.model.override_config.attn_implementation={implementation} is "
                 f"not supported by {estimator}: verl's Ulysses all-to-all runs only inside flash attention, so each "
                 f"rank's {implementation} attention sees only its slice of every sequence (docs/usage.md); use "
                 f"attn_implementation=flash_attention_2 (verl's default), or set {key}=1"
             )
+
+
+def ulysses_sizes(actor: DictConfig) -> list[tuple[str, int]]:
+    """The actor's Ulysses SP options (verl reads either), with their values (unset: 1)."""
+    return [(key, int(value if value is not None else 1)) for key, value in (
+        ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", actor.get("ulysses_sequence_parallel_size", 1)),
+        ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
+         (actor.get("fsdp_config", None) or {}).get("ulysses_sequence_parallel_size", 1)),
+    )]
+
+
+def verl_pipelines(config: DictConfig, cfg: AnchorConfig) -> list[str]:
+    """The parts of verl this run touches (`verl_api.PIPELINES`), for the start-up check of verl's internals."""
+    pipelines = ["v1" if config.trainer.get("use_v1", True) else "legacy"]
+    if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu":
+        pipelines.append("cpu")
+    if cfg.needs_attention and any(size > 1 for _, size in ulysses_sizes(config.actor_rollout_ref.actor)):
+        pipelines.append("ulysses")
+    return pipelines
 
 
 def actor_engine(actor: DictConfig) -> str | None:
@@ -332,7 +360,7 @@ def actor_engine(actor: DictConfig) -> str | None:
     if target is None:  # a hand-built block: verl's default class
         return None
     from hydra.utils import get_class
-    from verl.workers.config import FSDPActorConfig
+    from verl_anchor.integration.verl_api import FSDPActorConfig
 
     target_cls = get_class(target)
     return None if issubclass(target_cls, FSDPActorConfig) else target_cls.__name__

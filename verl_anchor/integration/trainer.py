@@ -23,14 +23,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import transfer_queue as tq
 from omegaconf import DictConfig
 from tensordict import TensorDict
-from verl.workers.utils.padding import response_to_nested
 
 from verl_anchor.credit import response_seed
 from verl_anchor.integration.advantage import ResponseBatch, token_digest, scale_advantages, write_dump
 from verl_anchor.integration.settings import AnchorSettings, prepare_config
+from verl_anchor.integration.verl_api import response_to_nested
+from verl_anchor.integration.verl_api import transfer_queue as tq
 from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY, OUTPUT_KEYS, use_anchor_workers
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def anchor_trainer_cls(trainer_cls: type) -> type:
 
 def __getattr__(name: str) -> type:
     """`AnchorPPOTrainerSync` and friends by name, built on first use: pickle finds variants by reference."""
-    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+    from verl_anchor.integration.verl_api import TRAINER_REGISTRY
 
     for trainer_cls in TRAINER_REGISTRY.values():
         if name == f"Anchor{trainer_cls.__name__}":

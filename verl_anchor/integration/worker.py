@@ -27,14 +27,18 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict
-from verl.single_controller.base.decorator import Dispatch, register
-from verl.utils import tensordict_utils as tu
-from verl.experimental.separation.engine_workers import DetachActorWorker
-from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from verl_anchor.capture import AttentionCapture
 from verl_anchor.capture_ulysses import gather_head_span, sequence_parallel_group, sum_over_ranks
 from verl_anchor.config import AnchorConfig
+from verl_anchor.integration.verl_api import (
+    ActorRolloutRefWorker,
+    DetachActorWorker,
+    Dispatch,
+    TrainingWorker,
+    register,
+)
+from verl_anchor.integration.verl_api import tensordict_utils as tu
 from verl_anchor.stats_engine import PackedTokenStats, packed_response_signals
 
 ANCHOR_OPTIONS_KEY = "anchor_cfg"  # extra_info key the trainer sets for the old-log-prob call
@@ -164,9 +168,10 @@ _WORKER_VARIANTS: dict[type, type] = {
 def use_anchor_workers(role_worker_mapping: dict) -> None:
     """Give a trainer's actor role (whichever of verl's roles it uses) the anchor variant of its worker, in place."""
     import ray
-    from verl.trainer.ppo.utils import Role
 
-    for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor):
+    from verl_anchor.integration import verl_api
+
+    for role in (verl_api.resolve(f"Role.{name}") for name in ("ActorRollout", "ActorRolloutRef", "Actor")):
         if role in role_worker_mapping:
             role_worker_mapping[role] = ray.remote(anchor_worker_cls(role_worker_mapping[role]))
 
@@ -178,6 +183,8 @@ def anchor_worker_cls(worker: Any) -> type:
     gets its own subclass with the mixin in front, so its overrides and RPCs stay.
     """
     worker_cls = worker if isinstance(worker, type) else worker.__ray_metadata__.modified_class.__bases__[0]
+    if issubclass(worker_cls, AnchorWorkerMixin):  # already swapped (init_workers run twice)
+        return worker_cls
     if worker_cls not in _WORKER_VARIANTS:
         # Not a module attribute on purpose: Ray then pickles it by value for the worker processes.
         _WORKER_VARIANTS[worker_cls] = type(f"Anchor{worker_cls.__name__}", (AnchorWorkerMixin, worker_cls),

@@ -47,7 +47,7 @@ def compute_score(
     if data_source.startswith(MATH_SOURCE_PREFIX):
         return score_math(solution_str, ground_truth, timeout_s=kwargs.get("timeout_s", DEFAULT_TIMEOUT_S))
     # Imported here: importing verl pulls in torch and takes seconds.
-    from verl.utils.reward_score import default_compute_score
+    from verl_anchor.integration.verl_api import default_compute_score
 
     return default_compute_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
 
