@@ -244,17 +244,19 @@ def attention_map(
 
 
 def group_heads(span: torch.Tensor, cfg: AnchorConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local and global head groups (spec §2, Eq. 8): the `m` smallest and `m` largest spans.
+    """Local and global head groups (spec §2, Eq. 8): the `m` smallest and `m` largest spans,
+    `m = max(1, floor(head_quantile * H))`.
 
-    Stable ascending sort, so ties keep (layer, head) order. Returns long tensors of head indices.
+    `span (H,)` gives `(m,)` long tensors of head indices; `span (H, S)` (one column per sequence, rows in
+    global (layer, head) order: the batched path) gives `(S, m)`. Stable ascending sort: ties keep head order.
     """
-    if span.dim() != 1 or span.numel() == 0:
-        raise ValueError(f"span must be a non-empty 1-D tensor, got shape {tuple(span.shape)}")
-    num_heads = span.numel()
+    if span.dim() not in (1, 2) or span.shape[0] == 0:
+        raise ValueError(f"span must be (H,) or (H, S) with H >= 1, got shape {tuple(span.shape)}")
+    num_heads = span.shape[0]
     # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
     m = max(1, math.floor(cfg.head_quantile * num_heads + 1e-9))
-    order = torch.sort(span, stable=True).indices
-    return order[:m], order[num_heads - m :]
+    order = torch.sort(span.movedim(0, -1), dim=-1, stable=True).indices
+    return order[..., :m], order[..., num_heads - m :]
 
 
 def group_signals(stats: HeadStats, cfg: AnchorConfig) -> GroupSignals:

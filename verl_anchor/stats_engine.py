@@ -11,7 +11,7 @@ A micro-batch is packed along the token axis: `q (Hq, T, D)`, `k (Hkv, T, D)` an
   (`kernel_device_problem`, asked at start-up by the capture); everything else to
   `metrics.token_stats`, looped over the sequences on the host. `metrics.reference_stats` is the
   oracle for both, and both get the same checked inputs.
-* `response_head_span`, `head_groups` and `group_means` (composed by `packed_response_signals`)
+* `response_head_span`, `metrics.group_heads` and `group_means` (composed by `packed_response_signals`)
   take these to the worker's outputs for responses that end their sequences: per-sequence head
   spans, head groups (spec §2) and the group-mean WAAD and FAI of every response token, packed
   with offsets. Pure torch, without host syncs except one for the number of response tokens
@@ -23,7 +23,7 @@ sits in the micro-batch: a sequence alone and packed among others gives bitwise 
 Sequence parallelism: a rank holding query heads `head_offset .. head_offset + Hq - 1` of
 `num_heads_total` (and the key heads they read) passes them with `head_offset`; the statistics
 remember each row's global head index (`head_ids`). Head groups need the spans of all heads:
-all-gather `response_head_span` rows into global order, call `head_groups`, then `group_means` on
+all-gather `response_head_span` rows into global order, call `metrics.group_heads`, then `group_means` on
 each rank gives that rank's share of the group means; their sum over the ranks is the mean.
 """
 
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import torch
 
 from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, prepare_qk, token_stats
+from verl_anchor.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, group_heads, prepare_qk, token_stats
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SPAN_FIXED_POINT = 2.0**24  # resolution of the exact (integer) span sums: ~6e-8 tokens
@@ -300,20 +300,6 @@ def response_head_span(stats: PackedTokenStats, response_lengths: torch.Tensor) 
     return torch.where(undefined, math.nan, span).float()
 
 
-def head_groups(head_span: torch.Tensor, cfg: AnchorConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local and global head groups of every sequence (spec §2, `metrics.group_heads` per column).
-
-    `head_span (H, S)` with rows in global (layer, head) order; returns `(S, m)` long tensors of head
-    indices, `m = max(1, floor(head_quantile * H))`, ties in head order.
-    """
-    if head_span.dim() != 2 or head_span.shape[0] == 0:
-        raise ValueError(f"head_span must be (H, S) with H >= 1, got shape {tuple(head_span.shape)}")
-    num_heads = head_span.shape[0]
-    m = max(1, math.floor(cfg.head_quantile * num_heads + 1e-9))  # the epsilon of metrics.group_heads
-    order = torch.sort(head_span.T, dim=1, stable=True).indices
-    return order[:, :m], order[:, num_heads - m :]
-
-
 def group_means(
     stats: PackedTokenStats,
     response_lengths: torch.Tensor,
@@ -360,7 +346,7 @@ def packed_response_signals(
             raise ValueError(f"stats hold {stats.heads_per_layer} of {stats.num_heads_total} heads: pass head_span "
                              "of all heads (gathered over the sequence-parallel ranks)")
         head_span = response_head_span(stats, response_lengths)
-    local_heads, global_heads = head_groups(head_span, cfg)
+    local_heads, global_heads = group_heads(head_span, cfg)
     waad, fai, cu_response = group_means(stats, response_lengths, local_heads, global_heads, num_response_tokens)
     spans = head_span.T
     return PackedResponseSignals(
