@@ -24,6 +24,19 @@ MAX_OFFSET = 2**24
 # No decoder has more layers (the largest open models have ~130): more is a typo, and select_layers'
 # linspace would allocate num_layers floats (1e9: 8 GB) before deduplicating them.
 MAX_LAYERS = 256
+# Counts taken from a float product are off by one ulp at times (0.7 * 10 = 7.000000000000001,
+# 0.29 * 100 = 28.999999999999996): every ceil/floor of fraction * n absorbs that slack.
+FLOAT_SLACK = 1e-9
+
+
+def ceil_count(fraction: float, n: int) -> int:
+    """`ceil(fraction * n)`, with `FLOAT_SLACK` against float error (a selection budget)."""
+    return math.ceil(fraction * n - FLOAT_SLACK)
+
+
+def floor_count(fraction: float, n: int) -> int:
+    """`floor(fraction * n)`, with `FLOAT_SLACK` against float error (a head-group size)."""
+    return math.floor(fraction * n + FLOAT_SLACK)
 
 
 @dataclasses.dataclass(frozen=True)

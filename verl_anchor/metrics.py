@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from verl_anchor.config import AnchorConfig
+from verl_anchor.config import AnchorConfig, floor_count
 
 logger = logging.getLogger(__name__)
 
@@ -253,8 +253,7 @@ def group_heads(span: torch.Tensor, cfg: AnchorConfig) -> tuple[torch.Tensor, to
     if span.dim() not in (1, 2) or span.shape[0] == 0:
         raise ValueError(f"span must be (H,) or (H, S) with H >= 1, got shape {tuple(span.shape)}")
     num_heads = span.shape[0]
-    # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
-    m = max(1, math.floor(cfg.head_quantile * num_heads + 1e-9))
+    m = max(1, floor_count(cfg.head_quantile, num_heads))
     order = torch.sort(span.movedim(0, -1), dim=-1, stable=True).indices
     return order[..., :m], order[..., num_heads - m :]
 
