@@ -407,17 +407,11 @@ def _prefix_moments(q_chunk: torch.Tensor, keys: torch.Tensor, scale: float) -> 
 def _fused_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention that also returns the row log-sum-exp, from torch's fused kernels."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        return out, lse
-    if q.device.type == "cuda":
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # the memory-efficient kernel has no GQA: repeat the (prefix) keys
-            k, v = k.repeat_interleave(groups, dim=1), v.expand(-1, q.shape[1], -1, -1)
-        # float32 is kept on purpose: the flash kernels accept only 16-bit inputs, too coarse for distances.
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, False, scale=scale
-        )
-        return out, lse
-    raise NotImplementedError(f"no fused attention kernel for device {q.device.type}")
+    """Non-causal attention that also returns the row log-sum-exp, from the fused kernel
+    `stats_engine.fused_attention_kernel` picks for the device."""
+    from verl_anchor import stats_engine  # here, not at the top: stats_engine imports this module
+
+    kernel = stats_engine.fused_attention_kernel(q.device)
+    if kernel is None:
+        raise NotImplementedError(f"no fused attention kernel for device {q.device.type}")
+    return kernel(q, k, v, scale)

@@ -5,10 +5,10 @@ A micro-batch is packed along the token axis: `q (Hq, T, D)`, `k (Hkv, T, D)` an
 
 * `packed_token_stats` gives every sequence's per-token statistics (`metrics.TokenStats` with
   `first = 0`, side by side along the token axis); `verl_anchor.capture` calls it once per captured
-  layer per forward. This module is the one place that dispatches by
-  device (`select_backend`): CUDA tensors go to the Triton kernels of `kernels.triton_stats` (two
-  launches per call, whatever the number or length of the sequences) where the device can run them
-  (`kernel_device_problem`, asked at start-up by the capture); everything else to
+  layer per forward. This module is the one place that dispatches by device (`select_backend`;
+  `fused_attention_kernel` within the torch path): CUDA tensors go to the Triton kernels of
+  `kernels.triton_stats` (two launches per call, whatever the number or length of the sequences)
+  where the device can run them (`kernel_device_problem`, asked at start-up by the capture); everything else to
   `metrics.token_stats`, looped over the sequences on the host. `metrics.reference_stats` is the
   oracle for both, and both get the same checked inputs.
 * `response_head_span`, `metrics.group_heads` and `group_means` (composed by `packed_response_signals`)
@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -216,6 +216,33 @@ def kernel_device_problem(device: torch.device, head_dim: int) -> str | None:
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+FusedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fused_attention_kernel(device: torch.device) -> FusedAttention | None:
+    """The torch path's dispatch by device: torch's fused attention kernel that also returns the row
+    log-sum-exp (`metrics._prefix_moments`), or None where the device has none (the dense chunked path)."""
+    return {"cpu": _cpu_fused_attention, "cuda": _cuda_fused_attention}.get(device.type)
+
+
+def _cpu_fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out, lse
+
+
+def _cuda_fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # the memory-efficient kernel has no GQA: repeat the (prefix) keys
+        k, v = k.repeat_interleave(groups, dim=1), v.expand(-1, q.shape[1], -1, -1)
+    # float32 is kept on purpose: the flash kernels accept only 16-bit inputs, too coarse for distances.
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, False, scale=scale
+    )
+    return out, lse
 
 
 def packed_token_stats(
