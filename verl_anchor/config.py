@@ -12,9 +12,27 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-STRATEGIES = ("none", "local_chunk", "global_anchor", "coupled", "random", "entropy")
-# Strategies whose weights come from attention (the others need no capture at all).
-ATTENTION_STRATEGIES = ("local_chunk", "global_anchor", "coupled")
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """What a strategy's weights read; the trainers ask `AnchorConfig.needs_*` instead of comparing names."""
+
+    attention: bool = False  # attention statistics, captured in the old-log-prob forward
+    entropy: bool = False  # the policy's token entropy, from that forward
+    seeds: bool = False  # a random draw, seeded per response
+    old_log_prob_forward: bool = False  # reads anything from that forward (false only for random and none)
+
+
+_ATTENTION = Strategy(attention=True, old_log_prob_forward=True)
+STRATEGY_REGISTRY: dict[str, Strategy] = {
+    "none": Strategy(),
+    "local_chunk": _ATTENTION,
+    "global_anchor": _ATTENTION,
+    "coupled": _ATTENTION,
+    "random": Strategy(seeds=True),
+    "entropy": Strategy(entropy=True, old_log_prob_forward=True),
+}
+STRATEGIES = tuple(STRATEGY_REGISTRY)
 SIGNS = ("both", "positive", "negative")
 SELECTS = ("top", "bottom")
 MAX_GAMMA_AMP = 100.0
@@ -89,7 +107,22 @@ class AnchorConfig:
     @property
     def needs_attention(self) -> bool:
         """Whether the strategy reads attention (and so needs the capture in the forward pass)."""
-        return self.strategy in ATTENTION_STRATEGIES
+        return STRATEGY_REGISTRY[self.strategy].attention
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the strategy reads the policy's token entropy."""
+        return STRATEGY_REGISTRY[self.strategy].entropy
+
+    @property
+    def needs_seeds(self) -> bool:
+        """Whether the strategy draws at random (one seed per response)."""
+        return STRATEGY_REGISTRY[self.strategy].seeds
+
+    @property
+    def needs_forward(self) -> bool:
+        """Whether the strategy reads anything from the old-log-prob forward (attention or entropy)."""
+        return STRATEGY_REGISTRY[self.strategy].old_log_prob_forward
 
     @property
     def band(self) -> int | None:

@@ -199,7 +199,7 @@ def batch_gamma(
         if cfg.needs_attention:
             degenerate[i] = is_degenerate(row_waad, row_fai)
         generator = None
-        if cfg.strategy == "random":
+        if cfg.needs_seeds:
             generator = torch.Generator().manual_seed(seeds[i] if seeds is not None else response_seed(cfg.seed, i))
         gamma[i, :n] = token_weights(row_waad, row_fai, cfg, entropy=row_entropy, generator=generator,
                                      trainable=row_trainable)

@@ -195,7 +195,7 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
     cfg = AnchorConfig.from_mapping({**options, "strategy": ANCHOR_ESTIMATORS[estimator]}, prefix="algorithm.anchor.")
     _check_base_estimator(config, base)
     rollout_correction = config.algorithm.get("rollout_correction", None) or {}
-    if rollout_correction.get("bypass_mode", False) and cfg.strategy != "random":
+    if rollout_correction.get("bypass_mode", False) and cfg.needs_forward:
         reads = "computes its attention statistics" if cfg.needs_attention else "reads the policy's token entropy"
         raise ValueError(
             f"algorithm.rollout_correction.bypass_mode=true skips the old-log-prob forward in which {estimator} "
