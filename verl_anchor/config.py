@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -55,6 +55,17 @@ def ceil_count(fraction: float, n: int) -> int:
 def floor_count(fraction: float, n: int) -> int:
     """`floor(fraction * n)`, with `FLOAT_SLACK` against float error (a head-group size)."""
     return math.floor(fraction * n + FLOAT_SLACK)
+
+
+# How close (difflib ratio) a misspelt name must be to be suggested: one letter off an estimator name
+# (anchor_copuled: 0.93) is; an unrelated estimator registered after the check must not be flagged.
+SUGGEST_CUTOFF = 0.8
+
+
+def suggest(name: str, choices: Iterable[str]) -> str | None:
+    """The one of `choices` a misspelt `name` most likely meant, if any is within `SUGGEST_CUTOFF`."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=SUGGEST_CUTOFF)
+    return close[0] if close else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +150,8 @@ class AnchorConfig:
         unknown = [key for key in options if key not in names]
         if unknown:
             key = unknown[0]
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known options: {', '.join(names)}"
+            close = suggest(key, names)
+            hint = f"; did you mean {prefix}{close}?" if close else f"; known options: {', '.join(names)}"
             raise ValueError(f"unknown option {prefix}{key}={options[key]!r}{hint}")
         values = dict(options)
         if isinstance(values.get("layers"), str) and values["layers"].lower() in ("none", "null", ""):
