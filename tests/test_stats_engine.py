@@ -24,6 +24,8 @@ from verl_anchor.stats_engine import (
     stack_layers,
 )
 
+from helpers import dense_attention
+
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [1, 37, 0, 150, 2, 120]
 RESPONSES = [1, 20, 0, 150, 0, 64]
@@ -35,13 +37,6 @@ def packed_inputs(lengths, num_heads=8, num_kv=2, head_dim=16, seed=0):
     q = torch.randn(num_heads, total, head_dim, generator=generator)
     k = torch.randn(num_kv, total, head_dim, generator=generator)
     return q, k, torch.tensor([0, *lengths]).cumsum(0)
-
-
-def dense_attention(q, k):
-    num_heads, n, head_dim = q.shape
-    keys = k.repeat_interleave(num_heads // k.shape[0], dim=0).double()
-    scores = q.double() @ keys.transpose(1, 2) * head_dim**-0.5
-    return scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf).softmax(dim=-1)
 
 
 def sequences_of(cu):
