@@ -20,7 +20,8 @@ from verl_anchor.cli import main
 from verl_anchor.config import AnchorConfig
 from verl_anchor.metrics import group_signals, reference_stats, select_layers
 
-from test_metrics import _LargestTensor, pooled_reference
+from helpers import pooled_reference
+from test_metrics import _LargestTensor
 
 MAX_NEW = 24
 

@@ -14,7 +14,7 @@ from verl_anchor.credit import batch_weights
 from verl_anchor.metrics import reference_stats
 from verl_anchor.tiny import tiny_config
 
-from test_metrics import pooled_reference  # the dense pooling oracle
+from helpers import pooled_reference  # the dense pooling oracle
 
 ARCHS = ["qwen3", "qwen2", "llama"]
 CFG = AnchorConfig(fai_h_lo=2, fai_h_hi=6, window=4)  # short horizons so short sequences exercise them

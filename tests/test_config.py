@@ -87,3 +87,17 @@ def test_select_layers(num_hidden_layers, num_layers, expected):
 def test_select_layers_rejects_empty_models():
     with pytest.raises(ValueError):
         select_layers(0)
+
+
+def test_strategy_registry_says_what_each_strategy_reads():
+    needs = {name: (cfg.needs_attention, cfg.needs_entropy, cfg.needs_seeds, cfg.needs_forward)
+             for name in ("none", "local_chunk", "global_anchor", "coupled", "random", "entropy")
+             for cfg in [AnchorConfig(strategy=name)]}
+    assert needs == {
+        "none": (False, False, False, False),
+        "local_chunk": (True, False, False, True),
+        "global_anchor": (True, False, False, True),
+        "coupled": (True, False, False, True),
+        "random": (False, False, True, False),
+        "entropy": (False, True, False, True),
+    }

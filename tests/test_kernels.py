@@ -11,7 +11,6 @@ a GPU by `benchmarks/bench_gpu.py`.
 """
 
 import importlib.util
-import math
 import os
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import torch
 from verl_anchor import AnchorConfig
 from verl_anchor.metrics import reference_stats
 from verl_anchor.stats_engine import PackedSequences, PackedTokenStats, packed_response_signals, packed_token_stats
+
+from helpers import dense_attention
 
 BOUNDED = AnchorConfig()  # the paper's training horizon [10, 100]
 ANALYSIS = AnchorConfig(fai_h_lo=0, fai_h_hi=None)  # horizon to the end of the sequence
@@ -102,14 +103,6 @@ def interpreted(tmp_path_factory):
     results = torch.load(path)
     assert results["interpreted"] == "InterpretedFunction"
     return results
-
-
-def dense_attention(q, k, scale):
-    """Causal softmax(q k^T * scale) of one sequence in float64, GQA by repeating keys."""
-    num_heads, n, _ = q.shape
-    keys = k.repeat_interleave(num_heads // k.shape[0], dim=0).double()
-    scores = q.double() @ keys.transpose(1, 2) * scale
-    return scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf).softmax(dim=-1)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -17,13 +17,14 @@ from verl_anchor.metrics import group_heads, reference_stats, response_signals, 
 from verl_anchor.stats_engine import (
     PackedSequences,
     group_means,
-    head_groups,
     packed_response_signals,
     packed_token_stats,
     response_head_span,
     select_backend,
     stack_layers,
 )
+
+from helpers import dense_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [1, 37, 0, 150, 2, 120]
@@ -36,13 +37,6 @@ def packed_inputs(lengths, num_heads=8, num_kv=2, head_dim=16, seed=0):
     q = torch.randn(num_heads, total, head_dim, generator=generator)
     k = torch.randn(num_kv, total, head_dim, generator=generator)
     return q, k, torch.tensor([0, *lengths]).cumsum(0)
-
-
-def dense_attention(q, k):
-    num_heads, n, head_dim = q.shape
-    keys = k.repeat_interleave(num_heads // k.shape[0], dim=0).double()
-    scores = q.double() @ keys.transpose(1, 2) * head_dim**-0.5
-    return scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf).softmax(dim=-1)
 
 
 def sequences_of(cu):
@@ -98,16 +92,16 @@ def test_response_signals_equal_per_sequence_metrics():
         assert mine.span_glob == pytest.approx(theirs.span_glob, rel=1e-6)
 
 
-def test_head_groups_follow_group_heads_ties_and_quantile():
+def test_batched_group_heads_follow_per_sequence_ties_and_quantile():
     """Stable ascending sort per sequence (ties in head order), m = max(1, floor(q * H)) with the epsilon."""
     spans = torch.tensor([[1.0, 3.0], [2.0, 3.0], [1.0, 3.0], [0.5, 3.0], [4.0, 3.0], [2.0, 3.0], [1.0, 3.0]])
     for cfg in (AnchorConfig(), AnchorConfig(head_quantile=0.29), AnchorConfig(head_quantile=0.01)):
-        loc, glob = head_groups(spans, cfg)
+        loc, glob = group_heads(spans, cfg)
         for i in range(spans.shape[1]):
             ref_loc, ref_glob = group_heads(spans[:, i], cfg)
             assert torch.equal(loc[i], ref_loc) and torch.equal(glob[i], ref_glob)
     spans_100 = torch.arange(100.0)[:, None]
-    assert head_groups(spans_100, AnchorConfig(head_quantile=0.29))[0].shape == (1, 29)
+    assert group_heads(spans_100, AnchorConfig(head_quantile=0.29))[0].shape == (1, 29)
 
 
 def test_sequence_alone_and_packed_give_bitwise_equal_signals():
@@ -149,7 +143,7 @@ def test_sequence_parallel_head_slices_sum_to_the_full_signals():
     gathered = torch.empty(16, len(LENGTHS))
     for rank in ranks:
         gathered[list(rank.head_ids)] = response_head_span(rank, lengths)
-    loc, glob = head_groups(gathered, cfg)
+    loc, glob = group_heads(gathered, cfg)
     assert torch.equal(loc, expected.local_heads) and torch.equal(glob, expected.global_heads)
     parts = [group_means(rank, lengths, loc, glob) for rank in ranks]
     torch.testing.assert_close(parts[0][0] + parts[1][0], expected.waad, atol=1e-6, rtol=0)

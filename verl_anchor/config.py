@@ -9,12 +9,30 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-STRATEGIES = ("none", "local_chunk", "global_anchor", "coupled", "random", "entropy")
-# Strategies whose weights come from attention (the others need no capture at all).
-ATTENTION_STRATEGIES = ("local_chunk", "global_anchor", "coupled")
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """What a strategy's weights read; the trainers ask `AnchorConfig.needs_*` instead of comparing names."""
+
+    attention: bool = False  # attention statistics, captured in the old-log-prob forward
+    entropy: bool = False  # the policy's token entropy, from that forward
+    seeds: bool = False  # a random draw, seeded per response
+    old_log_prob_forward: bool = False  # reads anything from that forward (false only for random and none)
+
+
+_ATTENTION = Strategy(attention=True, old_log_prob_forward=True)
+STRATEGY_REGISTRY: dict[str, Strategy] = {
+    "none": Strategy(),
+    "local_chunk": _ATTENTION,
+    "global_anchor": _ATTENTION,
+    "coupled": _ATTENTION,
+    "random": Strategy(seeds=True),
+    "entropy": Strategy(entropy=True, old_log_prob_forward=True),
+}
+STRATEGIES = tuple(STRATEGY_REGISTRY)
 SIGNS = ("both", "positive", "negative")
 SELECTS = ("top", "bottom")
 MAX_GAMMA_AMP = 100.0
@@ -24,6 +42,30 @@ MAX_OFFSET = 2**24
 # No decoder has more layers (the largest open models have ~130): more is a typo, and select_layers'
 # linspace would allocate num_layers floats (1e9: 8 GB) before deduplicating them.
 MAX_LAYERS = 256
+# Counts taken from a float product are off by one ulp at times (0.7 * 10 = 7.000000000000001,
+# 0.29 * 100 = 28.999999999999996): every ceil/floor of fraction * n absorbs that slack.
+FLOAT_SLACK = 1e-9
+
+
+def ceil_count(fraction: float, n: int) -> int:
+    """`ceil(fraction * n)`, with `FLOAT_SLACK` against float error (a selection budget)."""
+    return math.ceil(fraction * n - FLOAT_SLACK)
+
+
+def floor_count(fraction: float, n: int) -> int:
+    """`floor(fraction * n)`, with `FLOAT_SLACK` against float error (a head-group size)."""
+    return math.floor(fraction * n + FLOAT_SLACK)
+
+
+# How close (difflib ratio) a misspelt name must be to be suggested: one letter off an estimator name
+# (anchor_copuled: 0.93) is; an unrelated estimator registered after the check must not be flagged.
+SUGGEST_CUTOFF = 0.8
+
+
+def suggest(name: str, choices: Iterable[str]) -> str | None:
+    """The one of `choices` a misspelt `name` most likely meant, if any is within `SUGGEST_CUTOFF`."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=SUGGEST_CUTOFF)
+    return close[0] if close else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +118,22 @@ class AnchorConfig:
     @property
     def needs_attention(self) -> bool:
         """Whether the strategy reads attention (and so needs the capture in the forward pass)."""
-        return self.strategy in ATTENTION_STRATEGIES
+        return STRATEGY_REGISTRY[self.strategy].attention
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the strategy reads the policy's token entropy."""
+        return STRATEGY_REGISTRY[self.strategy].entropy
+
+    @property
+    def needs_seeds(self) -> bool:
+        """Whether the strategy draws at random (one seed per response)."""
+        return STRATEGY_REGISTRY[self.strategy].seeds
+
+    @property
+    def needs_forward(self) -> bool:
+        """Whether the strategy reads anything from the old-log-prob forward (attention or entropy)."""
+        return STRATEGY_REGISTRY[self.strategy].old_log_prob_forward
 
     @property
     def band(self) -> int | None:
@@ -93,8 +150,8 @@ class AnchorConfig:
         unknown = [key for key in options if key not in names]
         if unknown:
             key = unknown[0]
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known options: {', '.join(names)}"
+            close = suggest(key, names)
+            hint = f"; did you mean {prefix}{close}?" if close else f"; known options: {', '.join(names)}"
             raise ValueError(f"unknown option {prefix}{key}={options[key]!r}{hint}")
         values = dict(options)
         if isinstance(values.get("layers"), str) and values["layers"].lower() in ("none", "null", ""):

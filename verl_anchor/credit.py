@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from verl_anchor.config import AnchorConfig
+from verl_anchor.config import AnchorConfig, ceil_count
 from verl_anchor.metrics import TokenStats, response_signals
 
 
@@ -25,8 +25,7 @@ def select_tokens(values: torch.Tensor, ratio: float, select: str = "top") -> to
     """
     mask = torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
     defined = (~torch.isnan(values)).nonzero().flatten()
-    # The epsilon keeps e.g. ceil(0.7 * 10) at 7 despite 0.7 * 10 = 7.000000000000001.
-    count = math.ceil(ratio * defined.numel() - 1e-9)
+    count = ceil_count(ratio, defined.numel())
     if count <= 0:
         return mask
     # A stable sort keeps equal values in position order, in both directions.
@@ -115,7 +114,7 @@ def token_weights(
             generator = torch.Generator().manual_seed(cfg.seed)
         candidates = trainable.cpu().nonzero().flatten()
         chosen = candidates[torch.randperm(candidates.numel(), generator=generator)]
-        chosen = chosen[: math.ceil(cfg.ratio * candidates.numel() - 1e-9)]
+        chosen = chosen[: ceil_count(cfg.ratio, candidates.numel())]
         indicator = torch.zeros(n, dtype=torch.float32)
         indicator[chosen] = 1.0
         return 1.0 + (cfg.gamma_amp - 1.0) * indicator.to(waad.device)
@@ -200,7 +199,7 @@ def batch_gamma(
         if cfg.needs_attention:
             degenerate[i] = is_degenerate(row_waad, row_fai)
         generator = None
-        if cfg.strategy == "random":
+        if cfg.needs_seeds:
             generator = torch.Generator().manual_seed(seeds[i] if seeds is not None else response_seed(cfg.seed, i))
         gamma[i, :n] = token_weights(row_waad, row_fai, cfg, entropy=row_entropy, generator=generator,
                                      trainable=row_trainable)

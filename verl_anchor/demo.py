@@ -10,7 +10,6 @@ output (warnings included) goes to the log file, not the console.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
 import shutil
@@ -55,7 +54,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def check_estimator(name: str) -> None:
     """`UsageError` unless ``name`` is an anchor estimator or one verl knows (before anything is built)."""
-    from verl_anchor.integration.settings import ANCHOR_ESTIMATORS
+    from verl_anchor.integration.settings import ANCHOR_ESTIMATORS, suggest_estimator
 
     plain = ("gae", "grpo")  # verl computes gae outside its registry
     if name in ANCHOR_ESTIMATORS or name in plain:
@@ -65,8 +64,8 @@ def check_estimator(name: str) -> None:
     verl_names = sorted({*ADV_ESTIMATOR_REGISTRY, *plain} - set(ANCHOR_ESTIMATORS))
     if name in verl_names:
         return
-    close = difflib.get_close_matches(name, [*ANCHOR_ESTIMATORS, *verl_names], n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}? " if close else ""
+    close = suggest_estimator(name, [*ANCHOR_ESTIMATORS, *verl_names])
+    hint = f"did you mean {close}? " if close else ""
     raise UsageError(f"--estimator {name!r} is not an advantage estimator: {hint}"
                      f"use one of the anchor estimators ({', '.join(ANCHOR_ESTIMATORS)}) "
                      f"or one of verl's ({', '.join(verl_names)})")

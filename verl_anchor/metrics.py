@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from verl_anchor.config import AnchorConfig
+from verl_anchor.config import AnchorConfig, floor_count
 
 logger = logging.getLogger(__name__)
 
@@ -244,17 +244,18 @@ def attention_map(
 
 
 def group_heads(span: torch.Tensor, cfg: AnchorConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local and global head groups (spec §2, Eq. 8): the `m` smallest and `m` largest spans.
+    """Local and global head groups (spec §2, Eq. 8): the `m` smallest and `m` largest spans,
+    `m = max(1, floor(head_quantile * H))`.
 
-    Stable ascending sort, so ties keep (layer, head) order. Returns long tensors of head indices.
+    `span (H,)` gives `(m,)` long tensors of head indices; `span (H, S)` (one column per sequence, rows in
+    global (layer, head) order: the batched path) gives `(S, m)`. Stable ascending sort: ties keep head order.
     """
-    if span.dim() != 1 or span.numel() == 0:
-        raise ValueError(f"span must be a non-empty 1-D tensor, got shape {tuple(span.shape)}")
-    num_heads = span.numel()
-    # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
-    m = max(1, math.floor(cfg.head_quantile * num_heads + 1e-9))
-    order = torch.sort(span, stable=True).indices
-    return order[:m], order[num_heads - m :]
+    if span.dim() not in (1, 2) or span.shape[0] == 0:
+        raise ValueError(f"span must be (H,) or (H, S) with H >= 1, got shape {tuple(span.shape)}")
+    num_heads = span.shape[0]
+    m = max(1, floor_count(cfg.head_quantile, num_heads))
+    order = torch.sort(span.movedim(0, -1), dim=-1, stable=True).indices
+    return order[..., :m], order[..., num_heads - m :]
 
 
 def group_signals(stats: HeadStats, cfg: AnchorConfig) -> GroupSignals:
@@ -406,17 +407,11 @@ def _prefix_moments(q_chunk: torch.Tensor, keys: torch.Tensor, scale: float) -> 
 def _fused_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention that also returns the row log-sum-exp, from torch's fused kernels."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        return out, lse
-    if q.device.type == "cuda":
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # the memory-efficient kernel has no GQA: repeat the (prefix) keys
-            k, v = k.repeat_interleave(groups, dim=1), v.expand(-1, q.shape[1], -1, -1)
-        # float32 is kept on purpose: the flash kernels accept only 16-bit inputs, too coarse for distances.
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, False, scale=scale
-        )
-        return out, lse
-    raise NotImplementedError(f"no fused attention kernel for device {q.device.type}")
+    """Non-causal attention that also returns the row log-sum-exp, from the fused kernel
+    `stats_engine.fused_attention_kernel` picks for the device."""
+    from verl_anchor import stats_engine  # here, not at the top: stats_engine imports this module
+
+    kernel = stats_engine.fused_attention_kernel(q.device)
+    if kernel is None:
+        raise NotImplementedError(f"no fused attention kernel for device {q.device.type}")
+    return kernel(q, k, v, scale)

@@ -5,13 +5,13 @@ A micro-batch is packed along the token axis: `q (Hq, T, D)`, `k (Hkv, T, D)` an
 
 * `packed_token_stats` gives every sequence's per-token statistics (`metrics.TokenStats` with
   `first = 0`, side by side along the token axis); `verl_anchor.capture` calls it once per captured
-  layer per forward. This module is the one place that dispatches by
-  device (`select_backend`): CUDA tensors go to the Triton kernels of `kernels.triton_stats` (two
-  launches per call, whatever the number or length of the sequences) where the device can run them
-  (`kernel_device_problem`, asked at start-up by the capture); everything else to
+  layer per forward. This module is the one place that dispatches by device (`select_backend`;
+  `fused_attention_kernel` within the torch path): CUDA tensors go to the Triton kernels of
+  `kernels.triton_stats` (two launches per call, whatever the number or length of the sequences)
+  where the device can run them (`kernel_device_problem`, asked at start-up by the capture); everything else to
   `metrics.token_stats`, looped over the sequences on the host. `metrics.reference_stats` is the
   oracle for both, and both get the same checked inputs.
-* `response_head_span`, `head_groups` and `group_means` (composed by `packed_response_signals`)
+* `response_head_span`, `metrics.group_heads` and `group_means` (composed by `packed_response_signals`)
   take these to the worker's outputs for responses that end their sequences: per-sequence head
   spans, head groups (spec §2) and the group-mean WAAD and FAI of every response token, packed
   with offsets. Pure torch, without host syncs except one for the number of response tokens
@@ -23,7 +23,7 @@ sits in the micro-batch: a sequence alone and packed among others gives bitwise 
 Sequence parallelism: a rank holding query heads `head_offset .. head_offset + Hq - 1` of
 `num_heads_total` (and the key heads they read) passes them with `head_offset`; the statistics
 remember each row's global head index (`head_ids`). Head groups need the spans of all heads:
-all-gather `response_head_span` rows into global order, call `head_groups`, then `group_means` on
+all-gather `response_head_span` rows into global order, call `metrics.group_heads`, then `group_means` on
 each rank gives that rank's share of the group means; their sum over the ranks is the mean.
 """
 
@@ -33,12 +33,12 @@ import dataclasses
 import functools
 import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, prepare_qk, token_stats
+from verl_anchor.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, group_heads, prepare_qk, token_stats
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SPAN_FIXED_POINT = 2.0**24  # resolution of the exact (integer) span sums: ~6e-8 tokens
@@ -218,6 +218,33 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+FusedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fused_attention_kernel(device: torch.device) -> FusedAttention | None:
+    """The torch path's dispatch by device: torch's fused attention kernel that also returns the row
+    log-sum-exp (`metrics._prefix_moments`), or None where the device has none (the dense chunked path)."""
+    return {"cpu": _cpu_fused_attention, "cuda": _cuda_fused_attention}.get(device.type)
+
+
+def _cpu_fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out, lse
+
+
+def _cuda_fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # the memory-efficient kernel has no GQA: repeat the (prefix) keys
+        k, v = k.repeat_interleave(groups, dim=1), v.expand(-1, q.shape[1], -1, -1)
+    # float32 is kept on purpose: the flash kernels accept only 16-bit inputs, too coarse for distances.
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, False, scale=scale
+    )
+    return out, lse
+
+
 def packed_token_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -300,20 +327,6 @@ def response_head_span(stats: PackedTokenStats, response_lengths: torch.Tensor) 
     return torch.where(undefined, math.nan, span).float()
 
 
-def head_groups(head_span: torch.Tensor, cfg: AnchorConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local and global head groups of every sequence (spec §2, `metrics.group_heads` per column).
-
-    `head_span (H, S)` with rows in global (layer, head) order; returns `(S, m)` long tensors of head
-    indices, `m = max(1, floor(head_quantile * H))`, ties in head order.
-    """
-    if head_span.dim() != 2 or head_span.shape[0] == 0:
-        raise ValueError(f"head_span must be (H, S) with H >= 1, got shape {tuple(head_span.shape)}")
-    num_heads = head_span.shape[0]
-    m = max(1, math.floor(cfg.head_quantile * num_heads + 1e-9))  # the epsilon of metrics.group_heads
-    order = torch.sort(head_span.T, dim=1, stable=True).indices
-    return order[:, :m], order[:, num_heads - m :]
-
-
 def group_means(
     stats: PackedTokenStats,
     response_lengths: torch.Tensor,
@@ -360,7 +373,7 @@ def packed_response_signals(
             raise ValueError(f"stats hold {stats.heads_per_layer} of {stats.num_heads_total} heads: pass head_span "
                              "of all heads (gathered over the sequence-parallel ranks)")
         head_span = response_head_span(stats, response_lengths)
-    local_heads, global_heads = head_groups(head_span, cfg)
+    local_heads, global_heads = group_heads(head_span, cfg)
     waad, fai, cu_response = group_means(stats, response_lengths, local_heads, global_heads, num_response_tokens)
     spans = head_span.T
     return PackedResponseSignals(

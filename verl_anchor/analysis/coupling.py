@@ -38,6 +38,7 @@ from verl_anchor.analysis.common import (
     user_errors,
     write_json,
 )
+from verl_anchor.config import ceil_count
 from verl_anchor.usage import bounded_int
 
 MAX_SHUFFLES = 10_000  # random placements per baseline: its standard error shrinks as 1 / sqrt(shuffles)
@@ -88,7 +89,7 @@ def find_peaks(values: torch.Tensor, quantile: float, radius: int, eligible: tor
         return positions
     if window > 0:
         values = values - local_mean(values, usable, window)
-    k = max(1, math.ceil(quantile * positions.numel() - 1e-9))
+    k = max(1, ceil_count(quantile, positions.numel()))
     order = torch.sort(values[positions], descending=True, stable=True).indices[:k]
     radius = min(radius, values.numel())  # a radius past the ends sees the whole signal, as this one does
     masked = torch.where(usable, values, torch.full_like(values, -math.inf))

@@ -90,7 +90,7 @@ def _with_anchor_statistics(compute_old_log_prob: Callable) -> Callable:
         from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY, OUTPUT_KEYS
 
         settings = getattr(self, "anchor", None)
-        if settings is None or not (settings.cfg.needs_attention or settings.cfg.strategy == "entropy"):
+        if settings is None or not settings.cfg.needs_forward:
             return compute_old_log_prob(self, batch, *args, **kwargs)
         group, outputs = self.actor_rollout_wg, {}
         own = "compute_log_prob" in vars(group)  # verl binds worker methods on the instance
@@ -118,7 +118,7 @@ def _with_anchor_statistics(compute_old_log_prob: Callable) -> Callable:
         width = batch.batch["responses"].shape[1]
         for name, values in outputs.items():
             old_log_prob.batch[name] = padded(values, math.nan, None if name == "anchor_seq" else width)
-        if settings.cfg.strategy == "entropy":
+        if settings.cfg.needs_entropy:
             old_log_prob.batch[ENTROPY_KEY] = old_log_prob.batch["entropys"].clone()
         return result
 
@@ -170,7 +170,7 @@ def anchor_credit(trainer: Any, data: Any) -> dict[str, float]:
     lengths = tuple(attention[:, -width:].sum(-1).tolist())  # responses are right-padded
     anchor_columns = [name for name in (*OUTPUT_KEYS, ENTROPY_KEY) if name in batch.keys()]
     columns = {name: batch[name].float() for name in anchor_columns}
-    needed = "anchor_waad" if settings.cfg.needs_attention else ENTROPY_KEY if settings.cfg.strategy == "entropy" else None
+    needed = "anchor_waad" if settings.cfg.needs_attention else ENTROPY_KEY if settings.cfg.needs_entropy else None
     if needed is not None and needed not in columns:
         raise RuntimeError(f"{settings.estimator}: the batch has no {needed}; the old-log-prob forward did not run "
                            "through verl_anchor (a trainer that bypasses RayPPOTrainer._compute_old_log_prob)")
@@ -178,7 +178,7 @@ def anchor_credit(trainer: Any, data: Any) -> dict[str, float]:
         advantages=batch["advantages"].float(), trainable=batch["response_mask"].bool(), lengths=lengths,
         real=torch.ones(len(lengths), dtype=torch.bool), waad=columns.get("anchor_waad"), fai=columns.get("anchor_fai"),
         per_sequence=columns.get("anchor_seq"), entropy=columns.get(ENTROPY_KEY))
-    seeds = _response_seeds(trainer, batch["input_ids"], attention) if settings.cfg.strategy == "random" else None
+    seeds = _response_seeds(trainer, batch["input_ids"], attention) if settings.cfg.needs_seeds else None
     world = trainer.config.trainer.n_gpus_per_node * trainer.config.trainer.nnodes
     shaped, gamma, metrics = scale_advantages(responses, settings, seeds, world_size=world)
     batch["advantages"] = shaped.to(batch["advantages"].dtype)

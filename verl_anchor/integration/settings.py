@@ -9,17 +9,16 @@ stock `trainer.v1.trainer_mode` gets the anchor behaviour (see `integration.trai
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from verl_anchor.config import AnchorConfig
+from verl_anchor.config import AnchorConfig, suggest
 from verl_anchor.integration import verl_api
 
 logger = logging.getLogger(__name__)
@@ -195,7 +194,7 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
     cfg = AnchorConfig.from_mapping({**options, "strategy": ANCHOR_ESTIMATORS[estimator]}, prefix="algorithm.anchor.")
     _check_base_estimator(config, base)
     rollout_correction = config.algorithm.get("rollout_correction", None) or {}
-    if rollout_correction.get("bypass_mode", False) and cfg.strategy != "random":
+    if rollout_correction.get("bypass_mode", False) and cfg.needs_forward:
         reads = "computes its attention statistics" if cfg.needs_attention else "reads the policy's token entropy"
         raise ValueError(
             f"algorithm.rollout_correction.bypass_mode=true skips the old-log-prob forward in which {estimator} "
@@ -259,19 +258,23 @@ def replaced_estimator(overrides: Sequence[str]) -> str | None:
     return replaced if chosen_anchor else None
 
 
+def suggest_estimator(name: str, choices: Iterable[str]) -> str | None:
+    """The estimator a wrong estimator name most likely meant: the anchor estimator of a bare strategy name
+    (coupled), else the closest of `choices` (one letter off: anchor_copuled)."""
+    by_strategy = {strategy: estimator for estimator, strategy in ANCHOR_ESTIMATORS.items()}
+    return by_strategy.get(name) or suggest(name, choices)
+
+
 def _check_not_a_typo(estimator: str) -> None:
     """An unregistered name one letter off an anchor estimator would fail only at the first advantage step."""
     from verl_anchor.integration.verl_api import ADV_ESTIMATOR_REGISTRY
 
     if estimator in ADV_ESTIMATOR_REGISTRY or estimator in ("gae", "grpo"):
         return
-    # A strategy's bare name (coupled), or one letter off an estimator name (anchor_copuled).
-    by_strategy = {strategy: name for name, strategy in ANCHOR_ESTIMATORS.items()}
-    close = [by_strategy[estimator]] if estimator in by_strategy else \
-        difflib.get_close_matches(estimator, list(ANCHOR_ESTIMATORS), n=1, cutoff=0.8)
+    close = suggest_estimator(estimator, ANCHOR_ESTIMATORS)
     if close:
         raise ValueError(f"algorithm.adv_estimator={estimator} is not a registered estimator; "
-                         f"did you mean algorithm.adv_estimator={close[0]}?")
+                         f"did you mean algorithm.adv_estimator={close}?")
     if estimator.startswith("anchor"):
         raise ValueError(f"algorithm.adv_estimator={estimator} is not a registered estimator; "
                          f"the anchor estimators are {', '.join(ANCHOR_ESTIMATORS)}")

@@ -113,17 +113,17 @@ class AnchorTrainerMixin:
             algorithm.adv_estimator = estimator
         start = time.perf_counter()
         fields = ["advantages", "response_mask"]
-        if self.anchor.cfg.strategy == "entropy":  # (bypass mode writes no entropy; random needs none)
+        if self.anchor.cfg.needs_entropy:  # (bypass mode writes no entropy; random needs none)
             fields.append("entropy")
         if self.anchor.cfg.needs_attention:
             fields += list(OUTPUT_KEYS)
-        if self.anchor.cfg.strategy == "random":
+        if self.anchor.cfg.needs_seeds:
             fields.append("prompts")  # the random draw's seed (see `_response_seeds`)
         if self.anchor.dump_dir:
             fields.append("input_ids")
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         local_step = getattr(self, "local_trigger_step", 0)
-        seeds = self._response_seeds(batch.keys, data, local_step) if self.anchor.cfg.strategy == "random" else None
+        seeds = self._response_seeds(batch.keys, data, local_step) if self.anchor.cfg.needs_seeds else None
         world = self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
         responses = ResponseBatch.from_nested(data, real)
         shaped, gamma, anchor_metrics = scale_advantages(responses, self.anchor, seeds, world_size=world)
