@@ -20,7 +20,10 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/verl-anchor demo
 
+# Style first (seconds): ruff's lint (pyflakes, pycodestyle, import order, bugbear) and its formatter.
 test: venv
+	$(VENV)/bin/ruff check verl_anchor tests benchmarks
+	$(VENV)/bin/ruff format --check verl_anchor tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: venv

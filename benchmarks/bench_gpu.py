@@ -38,8 +38,10 @@ def unusable(reason: str) -> None:
 
 
 if not torch.cuda.is_available():
-    unusable("no CUDA device: bench_gpu.py measures the Triton kernels on a GPU (on CPU, tests/test_kernels.py "
-             "runs them in Triton's interpreter)")
+    unusable(
+        "no CUDA device: bench_gpu.py measures the Triton kernels on a GPU (on CPU, tests/test_kernels.py "
+        "runs them in Triton's interpreter)"
+    )
 if importlib.util.find_spec("triton") is None:
     unusable("triton is not installed: the statistics' GPU path needs it (pip install triton)")
 
@@ -53,9 +55,18 @@ from verl_anchor.stats_engine import (  # noqa: E402
     select_backend,
 )
 
-QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                rms_norm_eps=1e-6, tie_word_embeddings=True)
+QWEN3_4B = dict(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
 BATCHES = {"16 x 1k": (16, 1024), "2 x 8k": (2, 8192)}
 CONFIGS = {"[10, 100]": AnchorConfig(), "unbounded": AnchorConfig(fai_h_lo=0, fai_h_hi=None)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -96,13 +107,16 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def exactness() -> bool:
     print("1. exactness on the GPU vs float64 dense formulas (tolerance: WAAD, FAI 1e-5 abs; span 1e-6 rel)")
-    print(f"{'dtype':>5} {'GQA':>4} {'horizon':>10} {'max|dWAAD|':>11} {'max|dFAI|':>11} {'span rel':>9} "
-          f"{'row rel':>9} {'bitwise rerun':>13}  result")
+    print(
+        f"{'dtype':>5} {'GQA':>4} {'horizon':>10} {'max|dWAAD|':>11} {'max|dFAI|':>11} {'span rel':>9} "
+        f"{'row rel':>9} {'bitwise rerun':>13}  result"
+    )
     ok = True
     generator = torch.Generator(device="cuda").manual_seed(0)
     lengths = [1, 2, 110, 700, 1537, 64]
     for (num_heads, num_kv), (dtype_name, dtype), (horizon, cfg) in (
-            (h, d, c) for h in ((8, 2), (8, 1)) for d in DTYPES.items() for c in CONFIGS.items()):
+        (h, d, c) for h in ((8, 2), (8, 1)) for d in DTYPES.items() for c in CONFIGS.items()
+    ):
         q = torch.randn(num_heads, sum(lengths), 128, device="cuda", generator=generator).to(dtype)
         k = torch.randn(num_kv, sum(lengths), 128, device="cuda", generator=generator).to(dtype)
         cu = cu_seqlens(lengths)
@@ -122,8 +136,10 @@ def exactness() -> bool:
             errors[3] = max(errors[3], ((row_span - rows).abs() / rows.clamp(min=1e-3)).max().item())
         passed = errors[0] <= 1e-5 and errors[1] <= 1e-5 and errors[2] <= 1e-6 and bitwise
         ok &= passed
-        print(f"{dtype_name:>5} {num_heads // num_kv}:1 {horizon:>10} {errors[0]:11.2e} {errors[1]:11.2e} "
-              f"{errors[2]:9.2e} {errors[3]:9.2e} {str(bitwise):>13}  {'PASS' if passed else 'FAIL'}")
+        print(
+            f"{dtype_name:>5} {num_heads // num_kv}:1 {horizon:>10} {errors[0]:11.2e} {errors[1]:11.2e} "
+            f"{errors[2]:9.2e} {errors[3]:9.2e} {str(bitwise):>13}  {'PASS' if passed else 'FAIL'}"
+        )
     ok &= long_sequence_and_invariance(generator)
     return ok
 
@@ -141,14 +157,16 @@ def long_sequence_and_invariance(generator: torch.Generator) -> bool:
         waad_err = (stats.waad.double() - ref.waad).abs().max().item()
         # The same sequence after a 300-token neighbour: its statistics must not change by a bit.
         other = torch.randn(4, 300, 128, device="cuda", generator=generator).to(dtype)
-        packed = packed_token_stats(torch.cat([other, qd], 1), torch.cat([other[:1], kd], 1),
-                                    cu_seqlens([300, n]), cfg)
-        invariant = all(same_bits(getattr(packed, name)[:, 300:], getattr(stats, name))
-                        for name in ("row_span", "waad", "fai"))
+        packed = packed_token_stats(torch.cat([other, qd], 1), torch.cat([other[:1], kd], 1), cu_seqlens([300, n]), cfg)
+        invariant = all(
+            same_bits(getattr(packed, name)[:, 300:], getattr(stats, name)) for name in ("row_span", "waad", "fai")
+        )
         passed = span_rel <= 1e-6 and waad_err <= 1e-5 and invariant
         ok &= passed
-        print(f"{dtype_name:>5} one 8k sequence: span rel {span_rel:.2e}, max|dWAAD| {waad_err:.2e}; "
-              f"alone == packed after 300 tokens (bitwise): {invariant}  {'PASS' if passed else 'FAIL'}")
+        print(
+            f"{dtype_name:>5} one 8k sequence: span rel {span_rel:.2e}, max|dWAAD| {waad_err:.2e}; "
+            f"alone == packed after 300 tokens (bitwise): {invariant}  {'PASS' if passed else 'FAIL'}"
+        )
     return ok
 
 
@@ -181,14 +199,17 @@ def model_overhead() -> None:
         except RuntimeError as err:  # e.g. a torch whose flash backend refuses GQA inputs
             force_flash = False
             layout = f"sdpa, equal-length sequences batched, backend left to torch (flash refused: {err})"[:200]
-    print(f"\n2. random Qwen3-4B-shaped model (36 layers, bf16), decoder forward (no lm_head), "
-          f"statistics on layers {capture.layers} (AttentionCapture); baseline: {layout}")
+    print(
+        f"\n2. random Qwen3-4B-shaped model (36 layers, bf16), decoder forward (no lm_head), "
+        f"statistics on layers {capture.layers} (AttentionCapture); baseline: {layout}"
+    )
     print(f"{'micro-batch':>11} {'forward s':>10} {'+ stats s':>10} {'ratio':>7} {'added peak MiB':>15}")
     for name, (batch, length) in BATCHES.items():
         ids = torch.randint(0, QWEN3_4B["vocab_size"], (batch, length), device="cuda")
         if implementation == "flash_attention_2":  # one packed row, position_ids restart per sequence
-            inputs = dict(input_ids=ids.reshape(1, -1),
-                          position_ids=torch.arange(length, device="cuda").repeat(batch)[None])
+            inputs = dict(
+                input_ids=ids.reshape(1, -1), position_ids=torch.arange(length, device="cuda").repeat(batch)[None]
+            )
         else:
             inputs = dict(input_ids=ids)
         responses = torch.full((batch,), length // 2, device="cuda")
@@ -205,8 +226,10 @@ def model_overhead() -> None:
 
         plain, with_stats = timed(forward), timed(forward_with_statistics)
         memory = [peak_bytes(fn) for fn in (forward, forward_with_statistics)]
-        print(f"{name:>11} {plain:10.3f} {with_stats:10.3f} {with_stats / plain:7.3f} "
-              f"{(memory[1] - memory[0]) / 2**20:15.0f}")
+        print(
+            f"{name:>11} {plain:10.3f} {with_stats:10.3f} {with_stats / plain:7.3f} "
+            f"{(memory[1] - memory[0]) / 2**20:15.0f}"
+        )
     model = capture = None  # free the GPU memory (the closures above are done with them)
     torch.cuda.empty_cache()
 
@@ -248,15 +271,19 @@ def kernels_vs_attention() -> None:
 
             def attention():
                 flash_attn_varlen_func(*args, cu32, cu32, length, length, causal=True)
+
             kind = "flash_attn_varlen_func"
         else:
+
             def batched(x):  # (H, B * L, D) -> (B, 32, L, D), KV heads repeated as transformers' sdpa path does
                 return x.reshape(x.shape[0], batch, length, 128).transpose(0, 1).repeat_interleave(32 // x.shape[0], 1)
+
             qb, kb, vb = batched(q), batched(k), batched(v)
 
             def attention():
                 with sdpa_flash(True):
                     torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
+
             kind = "sdpa flash, batched, KV heads repeated"
         sequences = PackedSequences(cu, total)
         attention_s = timed(attention)
@@ -269,9 +296,11 @@ def main() -> int:
     import triton
 
     start = time.perf_counter()
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
-          f"transformers {transformers.__version__}; statistics backend for bf16 CUDA tensors: "
-          f"{select_backend(torch.empty(1, device='cuda', dtype=torch.bfloat16))}")
+    print(
+        f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
+        f"transformers {transformers.__version__}; statistics backend for bf16 CUDA tensors: "
+        f"{select_backend(torch.empty(1, device='cuda', dtype=torch.bfloat16))}"
+    )
     exact = exactness()
     model_overhead()
     kernels_vs_attention()

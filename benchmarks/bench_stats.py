@@ -34,8 +34,14 @@ import sys
 import time
 
 MODEL = dict(
-    vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=36, num_attention_heads=8,
-    num_key_value_heads=2, head_dim=32, max_position_embeddings=32768,
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=36,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=32768,
 )
 
 
@@ -97,8 +103,13 @@ def worker(mode: str, n: int, repeats: int) -> dict:
         run_once()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"mode": mode, "n": n, "seconds": min(times), "peak_bytes": max(0, peak - baseline),
-            "threads": torch.get_num_threads()}
+    return {
+        "mode": mode,
+        "n": n,
+        "seconds": min(times),
+        "peak_bytes": max(0, peak - baseline),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def measure(mode: str, n: int, repeats: int) -> dict:
@@ -124,12 +135,25 @@ def main() -> None:
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the whole table
-    console.print(f"model: {MODEL}; statistics on 5 of 36 layers; response = last N/2 tokens; "
-                  f"best of {args.repeats} runs; memory = peak RSS above the RSS after building the model")
+    console.print(
+        f"model: {MODEL}; statistics on 5 of 36 layers; response = last N/2 tokens; "
+        f"best of {args.repeats} runs; memory = peak RSS above the RSS after building the model"
+    )
     table = Table(title="attention statistics: dense (paper) vs fast capture vs plain forward")
     analysis = ["(d) analysis s", "(d)/(c) time", "(d) analysis MiB"] if args.analysis else []
-    for column in ("N", "(c) plain s", "(b) fast s", "(a) dense s", "(b)/(c) time", "(a)/(c) time",
-                   "(c) plain MiB", "(b) fast MiB", "(a) dense MiB", "(b)-(c) MiB", *analysis):
+    for column in (
+        "N",
+        "(c) plain s",
+        "(b) fast s",
+        "(a) dense s",
+        "(b)/(c) time",
+        "(a)/(c) time",
+        "(c) plain MiB",
+        "(b) fast MiB",
+        "(a) dense MiB",
+        "(b)-(c) MiB",
+        *analysis,
+    ):
         table.add_column(column, justify="right")
     mib = 1 << 20
     for n in args.sizes:
@@ -157,12 +181,22 @@ def main() -> None:
         def ratio(result: dict) -> str:
             return f"{result['seconds'] / plain['seconds']:.3f}" if "seconds" in result and "seconds" in plain else "-"
 
-        extra = [cell(results[3], "seconds"), ratio(results[3]), cell(results[3], "peak_bytes", mib, "{:.0f}")] \
-            if args.analysis else []
-        table.add_row(str(n), *(cell(r, "seconds") for r in results[:3]), ratio(fast), ratio(dense),
-                      *(cell(r, "peak_bytes", mib, "{:.0f}") for r in results[:3]),
-                      f"{(fast['peak_bytes'] - plain['peak_bytes']) / mib:.0f}" if "peak_bytes" in fast and "peak_bytes" in plain else "-",
-                      *extra)
+        extra = (
+            [cell(results[3], "seconds"), ratio(results[3]), cell(results[3], "peak_bytes", mib, "{:.0f}")]
+            if args.analysis
+            else []
+        )
+        table.add_row(
+            str(n),
+            *(cell(r, "seconds") for r in results[:3]),
+            ratio(fast),
+            ratio(dense),
+            *(cell(r, "peak_bytes", mib, "{:.0f}") for r in results[:3]),
+            f"{(fast['peak_bytes'] - plain['peak_bytes']) / mib:.0f}"
+            if "peak_bytes" in fast and "peak_bytes" in plain
+            else "-",
+            *extra,
+        )
         console.print(f"N = {n}: " + json.dumps(results))
     console.print(table)
 

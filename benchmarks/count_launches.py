@@ -59,8 +59,17 @@ SMALL_HEADS = (4, 1, 16)
 BATCHES = {"16 x 1k": [1024] * 16, "2 x 8k": [8192] * 2}
 RESPONSE_FRACTION = 0.5
 STAND_IN = "flash_stand_in"  # any name with "flash" reads as flash attention to the capture
-SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique2",
-            "aten.unique_consecutive", "aten.repeat_interleave", "aten.argwhere", "aten.equal"}
+SYNC_OPS = {
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique2",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave",
+    "aten.argwhere",
+    "aten.equal",
+}
 NO_KERNEL_OPS = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.lift_fresh", "aten.detach"}
 
 Row = tuple[float, float, float]  # launches, aten ops, host syncs
@@ -142,8 +151,15 @@ def stand_in_attention(module, query, key, value, attention_mask, **kwargs):
 
 def build_model(heads: tuple[int, int, int], device: str) -> torch.nn.Module:
     num_heads, num_kv, head_dim = heads
-    config = Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=LAYERS,
-                         num_attention_heads=num_heads, num_key_value_heads=num_kv, head_dim=head_dim)
+    config = Qwen3Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv,
+        head_dim=head_dim,
+    )
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     # Set after loading: asked for by a name with "flash", transformers would load flash-attn. Registered
@@ -208,15 +224,15 @@ def count_capture(lengths: list[int], layout: str, heads: tuple[int, int, int], 
         five, stats = forward(LAYERS)
     response_lengths = [int(n * RESPONSE_FRACTION) for n in lengths]
     with counting(Counts()) as signals:
-        stats_engine.packed_response_signals(stats, torch.tensor(response_lengths).to(device), AnchorConfig(),
-                                             num_response_tokens=sum(response_lengths))
+        stats_engine.packed_response_signals(
+            stats, torch.tensor(response_lengths).to(device), AnchorConfig(), num_response_tokens=sum(response_lengths)
+        )
     per_layer = combine((1 / (LAYERS - 1), five), (-1 / (LAYERS - 1), one))
     per_forward = combine((1, one), (-1, plain), (-1, per_layer), (1, found_on_cpu))
     return {"per layer": per_layer, "per forward": per_forward, "signals": signals.row()}
 
 
-def count_per_sequence(lengths: list[int], layout: str, heads: tuple[int, int, int],
-                       device: str) -> dict[str, Row]:
+def count_per_sequence(lengths: list[int], layout: str, heads: tuple[int, int, int], device: str) -> dict[str, Row]:
     """The capture and worker before issue 11: token_stats per sequence and layer, response_signals per response."""
     num_heads, num_kv, head_dim = heads
     q, k = torch.randn(num_heads, sum(lengths), head_dim), torch.randn(num_kv, sum(lengths), head_dim)
@@ -228,8 +244,11 @@ def count_per_sequence(lengths: list[int], layout: str, heads: tuple[int, int, i
     with counting(Counts()) as signals:
         for i, length in enumerate(lengths):
             parts = [layer[i] for layer in per_layer]
-            stats = metrics.TokenStats(row_span=torch.cat([p.row_span for p in parts]),
-                                       waad=torch.cat([p.waad for p in parts]), fai=torch.cat([p.fai for p in parts]))
+            stats = metrics.TokenStats(
+                row_span=torch.cat([p.row_span for p in parts]),
+                waad=torch.cat([p.waad for p in parts]),
+                fai=torch.cat([p.fai for p in parts]),
+            )
             result = metrics.response_signals(stats, int(length * RESPONSE_FRACTION), cfg)
             result.waad.float().cpu(), result.fai.float().cpu()
     return {"per layer": combine((1 / LAYERS, layers.row())), "per forward": (0, 0, 0), "signals": signals.row()}
@@ -243,10 +262,14 @@ def main() -> None:
         "cpu (torch path)": (count_capture, ["packed"], SMALL_HEADS, "cpu"),
         "before (per sequence)": (count_per_sequence, ["packed"], SMALL_HEADS, "cpu"),
     }
-    print(f"{LAYERS} captured layers, response = last {RESPONSE_FRACTION:.0%} of each sequence; "
-          f"cuda rows: heads {QWEN3_4B_HEADS}, cpu/before rows: heads {SMALL_HEADS} (counts do not depend on them)")
-    print("| path | layout | micro-batch | launches / layer | aten ops / layer | host syncs / layer "
-          "| per forward: launches, ops, syncs | worker signals (per micro-batch): launches, ops, syncs |")
+    print(
+        f"{LAYERS} captured layers, response = last {RESPONSE_FRACTION:.0%} of each sequence; "
+        f"cuda rows: heads {QWEN3_4B_HEADS}, cpu/before rows: heads {SMALL_HEADS} (counts do not depend on them)"
+    )
+    print(
+        "| path | layout | micro-batch | launches / layer | aten ops / layer | host syncs / layer "
+        "| per forward: launches, ops, syncs | worker signals (per micro-batch): launches, ops, syncs |"
+    )
     print("|---|---|---|---:|---:|---:|---|---|")
     for path, (count, layouts, heads, device) in paths.items():
         for layout in layouts:
@@ -255,8 +278,10 @@ def main() -> None:
                     result = count(lengths, layout, heads, device)
                 launches, ops, syncs = result["per layer"]
                 forward, signals = (", ".join(f"{n:g}" for n in result[key]) for key in ("per forward", "signals"))
-                print(f"| {path} | {layout} | {batch} | {launches:g} | {ops:g} | {syncs:g} | {forward} | {signals} |",
-                      flush=True)
+                print(
+                    f"| {path} | {layout} | {batch} | {launches:g} | {ops:g} | {syncs:g} | {forward} | {signals} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

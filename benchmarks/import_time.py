@@ -17,8 +17,10 @@ import statistics
 import subprocess
 import sys
 
-PROBE = ("import sys, time; wall, cpu = time.perf_counter(), time.process_time(); import verl; "
-         "print(time.perf_counter() - wall, time.process_time() - cpu, len(sys.modules))")
+PROBE = (
+    "import sys, time; wall, cpu = time.perf_counter(), time.process_time(); import verl; "
+    "print(time.perf_counter() - wall, time.process_time() - cpu, len(sys.modules))"
+)
 KINDS = {"none": "without the plugin", "auto": "with the plugin"}
 
 
@@ -42,8 +44,10 @@ def main() -> None:
     for plugins, label in KINDS.items():
         wall, cpu, modules = (statistics.median(column) for column in zip(*runs[plugins]))
         medians[plugins] = wall, cpu, modules
-        print(f"import verl {label:<18}: median wall {wall:.2f} s, CPU {cpu:.2f} s, {modules:.0f} modules "
-              f"over {args.runs} runs (wall {', '.join(f'{run[0]:.2f}' for run in runs[plugins])})")
+        print(
+            f"import verl {label:<18}: median wall {wall:.2f} s, CPU {cpu:.2f} s, {modules:.0f} modules "
+            f"over {args.runs} runs (wall {', '.join(f'{run[0]:.2f}' for run in runs[plugins])})"
+        )
     (wall0, cpu0, mod0), (wall1, cpu1, mod1) = medians["none"], medians["auto"]
     print(f"difference: wall {wall1 - wall0:+.2f} s, CPU {cpu1 - cpu0:+.2f} s, {mod1 - mod0:+.0f} modules")
 

@@ -45,14 +45,22 @@ from verl_anchor.kernels import triton_stats  # noqa: E402
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIMS = (64, 128)
-VARIANTS = {"row pass": (triton_stats._row_pass, 100), "FAI pass, bounded": (triton_stats._fai_pass, 100),
-            "FAI pass, unbounded": (triton_stats._fai_pass, None)}
+VARIANTS = {
+    "row pass": (triton_stats._row_pass, 100),
+    "FAI pass, bounded": (triton_stats._fai_pass, 100),
+    "FAI pass, unbounded": (triton_stats._fai_pass, None),
+}
 _POINTER_ARGS = {"TILES": "*i32", "ROW_SPAN": "*fp32", "WAAD": "*fp32", "LSE2": "*fp32", "FAI": "*fp32"}
 
 
 def combinations() -> list[tuple[str, str, int, int]]:
-    return [(variant, dtype, head_dim, arch) for arch in SHARED_MEMORY_LIMIT for dtype in DTYPES
-            for head_dim in HEAD_DIMS for variant in VARIANTS]
+    return [
+        (variant, dtype, head_dim, arch)
+        for arch in SHARED_MEMORY_LIMIT
+        for dtype in DTYPES
+        for head_dim in HEAD_DIMS
+        for variant in VARIANTS
+    ]
 
 
 def compile_one(combination: tuple[str, str, int, int]) -> dict:
@@ -68,8 +76,11 @@ def compile_one(combination: tuple[str, str, int, int]) -> dict:
     knobs.nvidia.dump_ptxas_log = True  # ptxas's -v report, printed to stdout
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options=triton_stats.LAUNCH_OPTIONS)
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs=constexprs),
+            target=GPUTarget("cuda", arch, 32),
+            options=triton_stats.LAUNCH_OPTIONS,
+        )
     report = log.getvalue()
 
     def number(pattern: str) -> int:
@@ -78,11 +89,21 @@ def compile_one(combination: tuple[str, str, int, int]) -> dict:
             raise RuntimeError(f"no {pattern!r} in ptxas's report of {combination}:\n{report}")
         return int(found.group(1))
 
-    return dict(kernel=variant, dtype=dtype_name, head_dim=head_dim, arch=f"sm_{arch}", tile=tile, inner=inner,
-                registers=number(r"Used (\d+) registers"), stack=number(r"(\d+) bytes stack frame"),
-                spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
-                shared=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[arch],
-                shared_estimate=triton_stats.shared_memory_bytes(dtype, head_dim))
+    return dict(
+        kernel=variant,
+        dtype=dtype_name,
+        head_dim=head_dim,
+        arch=f"sm_{arch}",
+        tile=tile,
+        inner=inner,
+        registers=number(r"Used (\d+) registers"),
+        stack=number(r"(\d+) bytes stack frame"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        shared=compiled.metadata.shared,
+        shared_limit=SHARED_MEMORY_LIMIT[arch],
+        shared_estimate=triton_stats.shared_memory_bytes(dtype, head_dim),
+    )
 
 
 def problems(row: dict) -> list[str]:
@@ -99,11 +120,17 @@ def problems(row: dict) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| kernel | inputs | head dim | target | tile x inner | registers | spill stores / loads (B) | stack (B) "
-             "| shared memory (B) | limit (B) |", "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['arch']} | {r['tile']} x {r['inner']} | "
-              f"{r['registers']} | {r['spill_stores']} / {r['spill_loads']} | {r['stack']} | {r['shared']} | "
-              f"{r['shared_limit']} |" for r in rows]
+    lines = [
+        "| kernel | inputs | head dim | target | tile x inner | registers | spill stores / loads (B) | stack (B) "
+        "| shared memory (B) | limit (B) |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['arch']} | {r['tile']} x {r['inner']} | "
+        f"{r['registers']} | {r['spill_stores']} / {r['spill_loads']} | {r['stack']} | {r['shared']} | "
+        f"{r['shared_limit']} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

@@ -14,14 +14,13 @@ import subprocess
 
 import pytest
 import torch
+from helpers import pooled_reference
+from test_metrics import _LargestTensor
 
 from verl_anchor.analysis import common, report
 from verl_anchor.cli import main
 from verl_anchor.config import AnchorConfig
 from verl_anchor.metrics import group_signals, reference_stats, select_layers
-
-from helpers import pooled_reference
-from test_metrics import _LargestTensor
 
 MAX_NEW = 24
 
@@ -45,8 +44,17 @@ def _eager(path):
 
 def _session(model_path, map_bins):
     """A `Session` on a saved model, as `--model PATH` builds it (default options)."""
-    args = argparse.Namespace(demo=False, model=model_path, prompts=None, out=None, max_new_tokens=MAX_NEW,
-                              temperature=0.7, seed=0, num_layers=None, limit=None)
+    args = argparse.Namespace(
+        demo=False,
+        model=model_path,
+        prompts=None,
+        out=None,
+        max_new_tokens=MAX_NEW,
+        temperature=0.7,
+        seed=0,
+        num_layers=None,
+        limit=None,
+    )
     return common.Session(args, map_bins=map_bins)
 
 
@@ -79,8 +87,9 @@ def test_matches_eager_reference(demo_out):
     cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None)
     tokenizer = AutoTokenizer.from_pretrained(data["model"])
     for p in data["prompts"]:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p["prompt"]}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert len(ids) == p["prompt_len"]
         full = torch.tensor([list(ids) + p["token_ids"]])
         with torch.no_grad():
@@ -94,8 +103,9 @@ def test_matches_eager_reference(demo_out):
         torch.testing.assert_close(torch.tensor(p["head_span"], dtype=torch.float64), ref.span, atol=1e-4, rtol=1e-6)
         # Entropy of the distribution that predicted each response token.
         logp = torch.log_softmax(out.logits[0, p["prompt_len"] - 1 : -1].double(), dim=-1)
-        torch.testing.assert_close(torch.tensor(p["entropy"], dtype=torch.float64), -(logp.exp() * logp).sum(-1),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(p["entropy"], dtype=torch.float64), -(logp.exp() * logp).sum(-1), atol=1e-4, rtol=0
+        )
 
 
 def test_attention_maps_are_the_pooled_eager_attention(demo_out):
@@ -109,24 +119,44 @@ def test_attention_maps_are_the_pooled_eager_attention(demo_out):
     attn = torch.cat([attentions[layer][0] for layer in data["layers"]]).double()
     bins = min(16, len(p["token_ids"]))
     assert analysis.attention_map.shape == (attn.shape[0], bins, bins)
-    torch.testing.assert_close(analysis.attention_map.double(), pooled_reference(attn, p["prompt_len"], 16),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        analysis.attention_map.double(), pooled_reference(attn, p["prompt_len"], 16), atol=1e-5, rtol=0
+    )
 
 
 def test_html_one_span_per_token(demo_out):
     page = (demo_out / "report.html").read_text(encoding="utf-8")
     data = _metrics(demo_out)
     assert page.count('class="tok') == sum(len(p["tokens"]) for p in data["prompts"])
-    assert page.count('class="tok preplan') + page.count("anchor\"") > 0
+    assert page.count('class="tok preplan') + page.count('anchor"') > 0
     assert page.count("data:image/png;base64,") == 2 * len(data["prompts"]) and "<script>" in page
     assert "small demo policy" in page  # the demo banner
 
 
 def test_html_escapes_model_text():
-    payload = {"model": "m", "layers": [0], "ratio": 0.4, "prompts": [{
-        "index": 0, "prompt": "<b>x</b>", "generated": False, "tokens": ["<script>", "&"], "token_ids": [5, 6],
-        "waad": [1.0, 2.0], "fai": [0.5, None], "entropy": [0.1, 0.2], "preplan": [0], "anchor": [0],
-        "span_loc": 1.0, "span_glob": 2.0, "local_heads": [0], "global_heads": [1]}]}
+    payload = {
+        "model": "m",
+        "layers": [0],
+        "ratio": 0.4,
+        "prompts": [
+            {
+                "index": 0,
+                "prompt": "<b>x</b>",
+                "generated": False,
+                "tokens": ["<script>", "&"],
+                "token_ids": [5, 6],
+                "waad": [1.0, 2.0],
+                "fai": [0.5, None],
+                "entropy": [0.1, 0.2],
+                "preplan": [0],
+                "anchor": [0],
+                "span_loc": 1.0,
+                "span_glob": 2.0,
+                "local_heads": [0],
+                "global_heads": [1],
+            }
+        ],
+    }
     page = report.render_html(payload)
     assert "&lt;script&gt;" in page and "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x" not in page
     assert page.count('class="tok') == 2 and 'class="tok preplan anchor"' in page
@@ -142,9 +172,19 @@ def test_report_opens_in_headless_chromium(demo_out, tmp_path):
     """The page runs its script without console errors and the rendered DOM shows every token, coloured."""
     browser = _chromium()
     assert browser, "CI installs Debian's chromium (see .ci/run)"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
     page = (demo_out / "report.html").as_uri()
     done = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -154,8 +194,12 @@ def test_report_opens_in_headless_chromium(demo_out, tmp_path):
     assert len(spans) == sum(len(p["tokens"]) for p in _metrics(demo_out)["prompts"])
     assert all("background" in span for span in spans), "the colouring script did not run"
     shot = tmp_path / "shot.png"
-    done = subprocess.run([browser, *flags, "--window-size=1000,1400", f"--screenshot={shot}", page],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [browser, *flags, "--window-size=1000,1400", f"--screenshot={shot}", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -167,8 +211,11 @@ def test_given_responses_skip_generation(demo_out, tmp_path, monkeypatch):
     responses = ["48 / 2 = 24 and 48 + 24 = 72. #### 72", "12 * 50 / 60 = 10 \\boxed{10}", ""]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": r}) for i, r in enumerate(responses)))
-    monkeypatch.setattr(common, "load_model", lambda args: (
-        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer, path))
+    monkeypatch.setattr(
+        common,
+        "load_model",
+        lambda args: (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer, path),
+    )
 
     def no_generate(*a, **k):
         raise AssertionError("generation must be skipped when responses are given")
@@ -217,7 +264,9 @@ def test_prompts_from_a_verl_parquet_with_limit(tmp_path):
 
     questions = [f"Tom has {i} apples and buys 2 more. How many apples does he have?" for i in range(5)]
     src = tmp_path / "test.jsonl"
-    src.write_text("\n".join(json.dumps({"question": q, "answer": f"... #### {i + 2}"}) for i, q in enumerate(questions)))
+    src.write_text(
+        "\n".join(json.dumps({"question": q, "answer": f"... #### {i + 2}"}) for i, q in enumerate(questions))
+    )
     written = prepare_math("gsm8k", tmp_path / "data", src, split="test")
     items = common.load_prompts(written["test"], limit=3)
     assert [item["prompt"] for item in items] == [q + MATH_INSTRUCTION for q in questions[:3]]
@@ -228,11 +277,14 @@ def test_prompts_from_a_verl_parquet_with_limit(tmp_path):
         common.load_prompts(tmp_path / "missing.parquet")
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"question": "x"}\n', "string `prompt`"),
-    ("not json\n", "not JSON"),
-    ("\n", "has no prompts"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "x"}\n', "string `prompt`"),
+        ("not json\n", "not JSON"),
+        ("\n", "has no prompts"),
+    ],
+)
 def test_bad_prompts_file(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
@@ -240,16 +292,22 @@ def test_bad_prompts_file(tmp_path, capsys, content, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["analyze", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is invalid"),
-    (["analyze", "--max-new-tokens", "99999999999999999999"], "argument --max-new-tokens: 99999999999999999999 is too large"),
-    (["analyze", "--temperature", "-1"], "argument --temperature: -1 is invalid"),
-    (["analyze", "--num-layers", "0"], "--num-layers"),
-    (["analyze", "--map-bins", "0"], "--map-bins=0 is invalid"),
-    (["analyze", "--limit", "0"], "argument --limit: 0 is invalid"),
-    (["coupling", "--peak-quantile", "0"], "--peak-quantile=0.0 is invalid"),
-    (["perturb", "--candidates", "0"], "argument --candidates: 0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["analyze", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is invalid"),
+        (
+            ["analyze", "--max-new-tokens", "99999999999999999999"],
+            "argument --max-new-tokens: 99999999999999999999 is too large",
+        ),
+        (["analyze", "--temperature", "-1"], "argument --temperature: -1 is invalid"),
+        (["analyze", "--num-layers", "0"], "--num-layers"),
+        (["analyze", "--map-bins", "0"], "--map-bins=0 is invalid"),
+        (["analyze", "--limit", "0"], "argument --limit: 0 is invalid"),
+        (["coupling", "--peak-quantile", "0"], "--peak-quantile=0.0 is invalid"),
+        (["perturb", "--candidates", "0"], "argument --candidates: 0 is invalid"),
+    ],
+)
 def test_bad_options_exit_2_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model was loaded"))
     assert main([*argv, "--demo", "--out", str(tmp_path)]) == 2
@@ -266,8 +324,12 @@ def hybrid_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3_next")
     tokenizer = build_tokenizer(path)
     torch.manual_seed(0)
-    config = tiny_arch_config("qwen3_next", vocab_size=-(-len(tokenizer) // 64) * 64,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = tiny_arch_config(
+        "qwen3_next",
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
 
@@ -282,10 +344,16 @@ def test_layers_option_analyses_a_hybrid_model(hybrid_model, tmp_path, capsys):
     assert _metrics(tmp_path / "b")["layers"] == [3]
 
 
-@pytest.mark.parametrize("value, message", [
-    ("a", "'a' in 'a' is not an integer"), ("-1", "layer indices are 0-based"), ("1,1", "lists layer 1 twice"),
-    ("", "is invalid: give comma-separated"), ("1,,2", "is invalid: give comma-separated"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("a", "'a' in 'a' is not an integer"),
+        ("-1", "layer indices are 0-based"),
+        ("1,1", "lists layer 1 twice"),
+        ("", "is invalid: give comma-separated"),
+        ("1,,2", "is invalid: give comma-separated"),
+    ],
+)
 def test_bad_layers_exit_2_before_loading_a_model(tmp_path, monkeypatch, capsys, value, message):
     monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model was loaded"))
     for command in ("analyze", "coupling", "perturb"):

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import pooled_reference  # the dense pooling oracle
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -13,8 +14,6 @@ from verl_anchor.capture import AttentionCapture, CaptureError, sequence_segment
 from verl_anchor.credit import batch_weights
 from verl_anchor.metrics import reference_stats
 from verl_anchor.tiny import tiny_config
-
-from helpers import pooled_reference  # the dense pooling oracle
 
 ARCHS = ["qwen3", "qwen2", "llama"]
 CFG = AnchorConfig(fai_h_lo=2, fai_h_hi=6, window=4)  # short horizons so short sequences exercise them

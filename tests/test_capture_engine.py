@@ -5,13 +5,12 @@ import types
 
 import pytest
 import torch
+from test_capture import build
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from verl_anchor import AnchorConfig, stats_engine
 from verl_anchor.capture import AttentionCapture
 from verl_anchor.capture_layout import SequenceLayout
-
-from test_capture import build
 
 CFG = AnchorConfig(layers=[0, 2, 3], fai_h_lo=2, fai_h_hi=6, window=4)
 LAYOUTS = ["packed", "padded", "rows"]
@@ -34,7 +33,7 @@ def inputs(seqs, layout):
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, seq in enumerate(seqs):
-            ids[row, width - len(seq):], mask[row, width - len(seq):] = torch.tensor(seq), 1
+            ids[row, width - len(seq) :], mask[row, width - len(seq) :] = torch.tensor(seq), 1
         return dict(input_ids=ids, attention_mask=mask)
     shortest = min(map(len, seqs))
     return dict(input_ids=torch.tensor([seq[:shortest] for seq in seqs]))
@@ -138,8 +137,7 @@ def triton_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_capture_runs_the_kernels_once_per_layer_with_host_reads_independent_of_the_sequences(triton_dispatch,
-                                                                                              layout):
+def test_capture_runs_the_kernels_once_per_layer_with_host_reads_independent_of_the_sequences(triton_dispatch, layout):
     asked, launches = triton_dispatch
     model = build("qwen3", "sdpa")
     added_reads = []
@@ -184,8 +182,9 @@ def test_torch_path_equals_token_stats_per_sequence_in_every_layout():
                 model(torch.tensor([seq]), use_cache=False)
             (expected,) = alone.pop()
             for name in ("row_span", "waad", "fai"):
-                torch.testing.assert_close(getattr(stats, name), getattr(expected, name), atol=1e-5, rtol=0,
-                                           equal_nan=True)
+                torch.testing.assert_close(
+                    getattr(stats, name), getattr(expected, name), atol=1e-5, rtol=0, equal_nan=True
+                )
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])

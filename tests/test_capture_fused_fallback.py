@@ -3,11 +3,10 @@ falls back to the dense path for that call only; only a definite "no kernel for 
 
 import pytest
 import torch
+from helpers import assert_stats_close, dense_attention
 
 from verl_anchor import AnchorConfig, metrics
 from verl_anchor.metrics import attention_stats, reference_stats
-
-from helpers import assert_stats_close, dense_attention
 
 CFG = AnchorConfig(window=4, fai_h_lo=2, fai_h_hi=6)  # band 6: chunks of 8 from position 8 on read a prefix
 
@@ -37,10 +36,13 @@ def stats_and_reference():
     return attention_stats(q, k, 0, CFG, chunk_size=8), reference_stats(dense_attention(q, k), 0, CFG)
 
 
-@pytest.mark.parametrize("error", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    RuntimeError("CUDA error: an illegal memory access was encountered"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+    ],
+)
 def test_a_transient_kernel_error_falls_back_for_that_call_only(kernel, error):
     calls = kernel(error)
     assert_stats_close(*stats_and_reference())  # the failed chunk was scored densely
@@ -50,12 +52,16 @@ def test_a_transient_kernel_error_falls_back_for_that_call_only(kernel, error):
     assert len(calls) == 2 * first, "the fused kernel was not used again after one transient error"
 
 
-@pytest.mark.parametrize("error", [
-    NotImplementedError("Could not run 'aten::_scaled_dot_product_efficient_attention' with arguments from the "
-                        "'XLA' backend"),
-    RuntimeError("\"_scaled_dot_product_flash_attention_for_cpu\" not implemented for 'Half'"),
-    RuntimeError("cutlassF: no kernel found to launch!"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        NotImplementedError(
+            "Could not run 'aten::_scaled_dot_product_efficient_attention' with arguments from the 'XLA' backend"
+        ),
+        RuntimeError("\"_scaled_dot_product_flash_attention_for_cpu\" not implemented for 'Half'"),
+        RuntimeError("cutlassF: no kernel found to launch!"),
+    ],
+)
 def test_a_missing_kernel_is_remembered(kernel, error):
     calls = kernel(error)
     assert_stats_close(*stats_and_reference())

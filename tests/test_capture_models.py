@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from test_capture import CFG, SEQS, assert_matches
 from transformers import AutoModelForCausalLM
 
 from verl_anchor import AnchorConfig
@@ -12,23 +13,51 @@ from verl_anchor.capture import AttentionCapture, CaptureError, capturable_layer
 from verl_anchor.metrics import reference_stats
 from verl_anchor.tiny import tiny_arch_config
 
-from test_capture import CFG, SEQS, assert_matches
-
 LONGEST = max(map(len, SEQS))  # 16: the max_length every exact model is built for
 # Families whose capture must equal their eager attention; windows and chunks are set to LONGEST (allowed).
 # CI runs these (about 1 s each); VERL_ANCHOR_ALL_ARCHS=1 adds the rest of docs/models.md's table.
 EXACT = {
-    "llama": {}, "qwen2": {}, "qwen3": {}, "qwen3_moe": {}, "mistral": {"sliding_window": LONGEST},
-    "gemma3_text": {"sliding_window": LONGEST}, "cohere2": {"sliding_window": LONGEST}, "olmo2": {}, "phi3": {},
-    "granitemoe": {}, "gpt2": {}, "opt": {}, "deepseek_v3": {}, "llama4_text": {"attention_chunk_size": LONGEST},
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {},
+    "qwen3_moe": {},
+    "mistral": {"sliding_window": LONGEST},
+    "gemma3_text": {"sliding_window": LONGEST},
+    "cohere2": {"sliding_window": LONGEST},
+    "olmo2": {},
+    "phi3": {},
+    "granitemoe": {},
+    "gpt2": {},
+    "opt": {},
+    "deepseek_v3": {},
+    "llama4_text": {"attention_chunk_size": LONGEST},
     # hybrids: only their softmax-attention layers are captured
-    "jamba": {}, "lfm2": {}, "minimax": {},
+    "jamba": {},
+    "lfm2": {},
+    "minimax": {},
 }
 MORE_EXACT = {
-    "mixtral": {}, "gemma": {}, "qwen2_moe": {}, "cohere": {}, "olmo3": {"sliding_window": LONGEST}, "olmoe": {},
-    "phi": {}, "phimoe": {}, "granite": {}, "gpt_neox": {}, "gpt_bigcode": {}, "stablelm": {}, "starcoder2": {},
-    "glm4": {}, "ernie4_5": {}, "exaone4": {"sliding_window": LONGEST}, "smollm3": {}, "seed_oss": {},
-    "helium": {}, "hunyuan_v1_dense": {}, "qwen3_next": {},
+    "mixtral": {},
+    "gemma": {},
+    "qwen2_moe": {},
+    "cohere": {},
+    "olmo3": {"sliding_window": LONGEST},
+    "olmoe": {},
+    "phi": {},
+    "phimoe": {},
+    "granite": {},
+    "gpt_neox": {},
+    "gpt_bigcode": {},
+    "stablelm": {},
+    "starcoder2": {},
+    "glm4": {},
+    "ernie4_5": {},
+    "exaone4": {"sliding_window": LONGEST},
+    "smollm3": {},
+    "seed_oss": {},
+    "helium": {},
+    "hunyuan_v1_dense": {},
+    "qwen3_next": {},
 }
 if os.environ.get("VERL_ANCHOR_ALL_ARCHS"):
     EXACT |= MORE_EXACT
@@ -80,7 +109,7 @@ def test_architecture_matches_its_own_eager_attention(arch):
     ids = torch.zeros(len(SEQS), LONGEST, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(SEQS):
-        ids[row, LONGEST - len(seq):], mask[row, LONGEST - len(seq):] = torch.tensor(seq), 1
+        ids[row, LONGEST - len(seq) :], mask[row, LONGEST - len(seq) :] = torch.tensor(seq), 1
     with torch.no_grad(), capture:
         model(ids, attention_mask=mask, use_cache=False)
     segments = [(row, torch.arange(LONGEST - len(seq), LONGEST)) for row, seq in enumerate(SEQS)]
@@ -100,27 +129,48 @@ def test_architecture_matches_its_own_eager_attention(arch):
     check_against_eager(capture.pop(), attentions, layers, segments)
 
 
-@pytest.mark.parametrize("arch, overrides, layers, reason", [
-    ("gpt_oss", {"sliding_window": 64}, [1, 3], r"attention sinks \(GptOssAttention.sinks\)"),
-    ("gemma2", {"sliding_window": 64}, [1], r"soft-caps attention logits \(attn_logit_softcapping=50.0\)"),
-    ("vaultgemma", {"sliding_window": 64}, [1], "attn_logit_softcapping"),
-    ("llama4_text", {"attention_chunk_size": 8}, [0], r"layer 0: chunked attention over 8 tokens, shorter than "
-                                                      r"max_length=16.*can read are \[3\]"),
-    ("mistral", {"sliding_window": 8}, [1], "layer 1: sliding attention over 8 tokens, shorter than max_length=16"),
-    # windows applied by the mask alone (the attention function never sees them)
-    ("phimoe", {"sliding_window": 8}, [1], "layer 1: sliding attention over 8 tokens"),
-    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 4}, [0],
-     r"layer 0: sliding attention over 8 tokens.*can read are \[1, 3\]"),
-    ("gemma3_text", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2}, None,
-     r"sliding attention over 8 tokens.*can read are \[1, 3\]"),
-    ("minimax", {}, [1], r"layer 1: MiniMaxLightningAttention does not go through transformers' attention functions"
-                         r".*can read are \[0, 2\]"),
-    ("qwen3_next", {}, None, r"layer 1: a linear_attention layer, not attention.*can read are \[3\]"),
-    ("jamba", {}, None, r"layer 2: a mamba layer, not attention.*can read are \[1, 3\]"),
-    ("lfm2", {}, [2], r"layer 2: a conv layer, not attention.*can read are \[1, 3\]"),
-    ("diffllama", {}, [1], r"DiffLlama\w*Attention does not go through transformers' attention functions"),
-    ("nemotron", {}, [1], r"Nemotron\w*Attention does not go through transformers' attention functions"),
-])
+@pytest.mark.parametrize(
+    "arch, overrides, layers, reason",
+    [
+        ("gpt_oss", {"sliding_window": 64}, [1, 3], r"attention sinks \(GptOssAttention.sinks\)"),
+        ("gemma2", {"sliding_window": 64}, [1], r"soft-caps attention logits \(attn_logit_softcapping=50.0\)"),
+        ("vaultgemma", {"sliding_window": 64}, [1], "attn_logit_softcapping"),
+        (
+            "llama4_text",
+            {"attention_chunk_size": 8},
+            [0],
+            r"layer 0: chunked attention over 8 tokens, shorter than "
+            r"max_length=16.*can read are \[3\]",
+        ),
+        ("mistral", {"sliding_window": 8}, [1], "layer 1: sliding attention over 8 tokens, shorter than max_length=16"),
+        # windows applied by the mask alone (the attention function never sees them)
+        ("phimoe", {"sliding_window": 8}, [1], "layer 1: sliding attention over 8 tokens"),
+        (
+            "qwen2_moe",
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 4},
+            [0],
+            r"layer 0: sliding attention over 8 tokens.*can read are \[1, 3\]",
+        ),
+        (
+            "gemma3_text",
+            {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2},
+            None,
+            r"sliding attention over 8 tokens.*can read are \[1, 3\]",
+        ),
+        (
+            "minimax",
+            {},
+            [1],
+            r"layer 1: MiniMaxLightningAttention does not go through transformers' attention functions"
+            r".*can read are \[0, 2\]",
+        ),
+        ("qwen3_next", {}, None, r"layer 1: a linear_attention layer, not attention.*can read are \[3\]"),
+        ("jamba", {}, None, r"layer 2: a mamba layer, not attention.*can read are \[1, 3\]"),
+        ("lfm2", {}, [2], r"layer 2: a conv layer, not attention.*can read are \[1, 3\]"),
+        ("diffllama", {}, [1], r"DiffLlama\w*Attention does not go through transformers' attention functions"),
+        ("nemotron", {}, [1], r"Nemotron\w*Attention does not go through transformers' attention functions"),
+    ],
+)
 def test_unmodelled_attention_is_refused_when_the_capture_is_built(arch, overrides, layers, reason):
     model = build(arch, **overrides)
     cfg = AnchorConfig(layers=layers) if layers else AnchorConfig(num_layers=2)
@@ -132,9 +182,15 @@ def test_mrope_models_are_refused_when_the_capture_is_built():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
+        text_config=dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+        ),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=1),
     )
     with pytest.raises(CaptureError, match=r"multimodal 3-D RoPE \(mrope_section\)"):

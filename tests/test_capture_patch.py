@@ -7,14 +7,13 @@ import weakref
 
 import pytest
 import torch
+from test_capture import CFG, SEQS
 from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from verl_anchor import AnchorConfig
 from verl_anchor.capture import AttentionCapture, CaptureError
 from verl_anchor.tiny import tiny_arch_config
-
-from test_capture import CFG, SEQS
 
 
 def build(arch="qwen3", impl="sdpa", seed=0):
@@ -56,8 +55,7 @@ def test_entering_an_active_capture_is_refused_and_changes_nothing():
 
 def test_nested_captures_exit_in_any_order_restore_the_registry_and_free_the_model():
     model, other, before = build(), build("llama", "eager", seed=1), registry()
-    expected = {"a": captured(model), "b": captured(model, AnchorConfig(layers=[0], window=4)),
-                "c": captured(other)}
+    expected = {"a": captured(model), "b": captured(model, AnchorConfig(layers=[0], window=4)), "c": captured(other)}
     ids, other_ids = torch.tensor([SEQS[0]]), torch.tensor([SEQS[0]])
     a = AttentionCapture(model, CFG)
     b = AttentionCapture(model, AnchorConfig(layers=[0], window=4))  # a second capture of the same model
@@ -127,8 +125,9 @@ def test_capturing_one_model_in_two_threads_at_once_is_refused():
     try:
         assert entered.wait(30)
         second = AttentionCapture(model, CFG)
-        with pytest.raises(CaptureError, match="already being captured by an AttentionCapture entered in another "
-                                               "thread"):
+        with pytest.raises(
+            CaptureError, match="already being captured by an AttentionCapture entered in another thread"
+        ):
             second.__enter__()
         with torch.no_grad(), AttentionCapture(build(seed=1), CFG):  # another model in this thread: fine
             pass
@@ -161,8 +160,9 @@ def test_attention_implementation_changed_after_building_is_followed_or_refused(
         model(torch.tensor([SEQS[0]]), use_cache=False)
         assert capture.implementation == "eager"
         model.set_attn_implementation("sdpa")
-        with pytest.raises(CaptureError, match="implementation changed from 'eager' to 'sdpa' while the capture "
-                                               "was active"):
+        with pytest.raises(
+            CaptureError, match="implementation changed from 'eager' to 'sdpa' while the capture was active"
+        ):
             model(torch.tensor([SEQS[0]]), use_cache=False)
     stats = capture.pop()
     assert len(stats) == 1

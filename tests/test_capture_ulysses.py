@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_verl_worker import CFG, log_probs, micro_batch
 from transformers import AutoModelForCausalLM
 from transformers import modeling_flash_attention_utils as fa_utils
 from transformers.integrations import flash_attention
@@ -24,23 +25,27 @@ from transformers.integrations import flash_attention
 from verl_anchor.capture import AttentionCapture, CaptureError
 from verl_anchor.tiny import tiny_config
 
-from test_verl_worker import CFG, log_probs, micro_batch
-
 SP = 2
 # (name, arch, query heads, key heads): 1 key head per rank; verl's KV repeat (1 key head, 2 ranks); 2 per rank.
 MODELS = [("qwen3 4q/2kv", "qwen3", 4, 2), ("qwen3 4q/1kv (KV repeat)", "qwen3", 4, 1), ("llama 8q/4kv", "llama", 8, 4)]
 OUTPUTS = ("anchor_waad", "anchor_fai", "anchor_seq")
 
 
-def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None,
-            causal=False):
+def _varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None, causal=False
+):
     """flash_attn_varlen_func's semantics in torch: `(T, H, D)` tokens, sequences at `cu_seqlens`, GQA."""
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
-        out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
-                                                  v[a:b].transpose(0, 1), is_causal=causal, scale=softmax_scale,
-                                                  enable_gqa=True).transpose(0, 1)
+        out[a:b] = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1),
+            k[a:b].transpose(0, 1),
+            v[a:b].transpose(0, 1),
+            is_causal=causal,
+            scale=softmax_scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
     return out
 
 
@@ -54,8 +59,10 @@ def _flash(q, k, v, softmax_scale=None, causal=False):
 @contextlib.contextmanager
 def _flash_stand_in():
     saved = fa_utils.lazy_import_flash_attention
-    functions = ((_flash, _varlen, None, fa_utils._pad_input, fa_utils._unpad_input),
-                 fa_utils._lazy_define_process_function(_varlen))
+    functions = (
+        (_flash, _varlen, None, fa_utils._pad_input, fa_utils._unpad_input),
+        fa_utils._lazy_define_process_function(_varlen),
+    )
     fa_utils.lazy_import_flash_attention = lambda *args, **kwargs: functions
     try:
         yield
@@ -67,8 +74,9 @@ def _model(arch, heads, kv_heads):
     from verl.models.transformers.monkey_patch import apply_monkey_patch
 
     torch.manual_seed(0)
-    config = tiny_config(arch, num_hidden_layers=4, vocab_size=128, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads)
+    config = tiny_config(
+        arch, num_hidden_layers=4, vocab_size=128, num_attention_heads=heads, num_key_value_heads=kv_heads
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     model.config._attn_implementation_internal = "flash_attention_2"  # flash-attn itself is not installed
     apply_monkey_patch(model, ulysses_sp_size=SP)  # verl's engine does this whenever use_remove_padding=True
@@ -77,8 +85,11 @@ def _model(arch, heads, kv_heads):
 
 def _run(model, seqs, data, group, pop=False):
     """One micro-batch as verl's engine feeds it (SP: padded and sliced per rank); gathered logits, outputs."""
-    from verl.utils.ulysses import gather_outputs_and_unpad, set_ulysses_sequence_parallel_group
-    from verl.utils.ulysses import ulysses_pad_and_slice_inputs
+    from verl.utils.ulysses import (
+        gather_outputs_and_unpad,
+        set_ulysses_sequence_parallel_group,
+        ulysses_pad_and_slice_inputs,
+    )
 
     from verl_anchor.integration.worker import anchor_outputs
 
@@ -118,8 +129,9 @@ def _rank(rank, store, out_dir):
     from verl_anchor.capture_ulysses import gather_head_span
     from verl_anchor.stats_engine import packed_token_stats, response_head_span
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=SP,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=SP, timeout=datetime.timedelta(seconds=120)
+    )
     group = init_device_mesh("cpu", (1, SP), mesh_dim_names=("dp", "sp"))["sp"].get_group()
     seqs, data = micro_batch()
     lengths = data["response_mask"].offsets().diff()
@@ -129,17 +141,25 @@ def _rank(rank, store, out_dir):
             model = _model(arch, heads, kv_heads)
             alone, sliced = _run(model, seqs, data, None), _run(model, seqs, data, group)
             ref, stats = _run(model, seqs, data, None, pop=True), _run(model, seqs, data, group, pop=True)
-            results[name] = {"sp1": alone, "sp": sliced, "heads": (stats.head_offset, stats.heads_per_layer, heads),
-                             "span": (response_head_span(ref.first_sequences(3, 53), lengths),
-                                      gather_head_span(stats.first_sequences(3, 53), lengths, group))}
+            results[name] = {
+                "sp1": alone,
+                "sp": sliced,
+                "heads": (stats.head_offset, stats.heads_per_layer, heads),
+                "span": (
+                    response_head_span(ref.first_sequences(3, 53), lengths),
+                    gather_head_span(stats.first_sequences(3, 53), lengths, group),
+                ),
+            }
         assert monkey_patch._flash_attention_forward is fa_utils._flash_attention_forward  # the hook is gone
 
         model = _model("qwen3", 4, 2)
         model.config._attn_implementation_internal = "sdpa"
         results["sdpa"] = _error(lambda: _run(model, seqs, data, group))
         model.config._attn_implementation_internal = "flash_attention_2"
-        verl_wrapper, flash_attention._flash_attention_forward = (flash_attention._flash_attention_forward,
-                                                                  fa_utils._flash_attention_forward)
+        verl_wrapper, flash_attention._flash_attention_forward = (
+            flash_attention._flash_attention_forward,
+            fa_utils._flash_attention_forward,
+        )
         results["unpatched"] = _error(lambda: _run(model, seqs, data, group))
         flash_attention._flash_attention_forward = verl_wrapper
 
@@ -149,7 +169,7 @@ def _rank(rank, store, out_dir):
         cu = [0, 5, 12] if rank == 0 else [0, 6, 12], [0, 5, 12] if rank == 0 else [0, 5, 9, 12]
         for case, bounds in zip(("boundaries", "count"), cu):
             stats = packed_token_stats(q, k, torch.tensor(bounds), CFG, head_offset=2 * rank, num_heads_total=4)
-            results[case] = _error(lambda: gather_head_span(stats, torch.ones(len(bounds) - 1), group))
+            results[case] = _error(lambda: gather_head_span(stats, torch.ones(len(bounds) - 1), group))  # noqa: B023 - called at once
     torch.save(results, out_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -178,8 +198,10 @@ def test_sequence_parallel_outputs_equal_the_single_rank_run(ranks, name):
         assert (offset, held) == (rank * heads // SP, heads // SP)  # query heads rank*H/sp .. of each layer
         expected, gathered = run["span"]
         torch.testing.assert_close(gathered, expected, atol=1e-5, rtol=0, equal_nan=True)
-        diffs = {"logits": _max_diff([sliced["logits"]], [alone["logits"]]),
-                 "head spans": _max_diff(gathered, expected)}
+        diffs = {
+            "logits": _max_diff([sliced["logits"]], [alone["logits"]]),
+            "head spans": _max_diff(gathered, expected),
+        }
         for key in OUTPUTS:
             assert [t.shape for t in sliced[key]] == [t.shape for t in alone[key]]
             got, want = sliced[key], alone[key]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
+from test_capture import SEQS
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -19,8 +20,6 @@ from verl.models.transformers.monkey_patch import patch_forward_with_backends
 from verl_anchor import AnchorConfig
 from verl_anchor.capture import AttentionCapture
 from verl_anchor.tiny import tiny_arch_config
-
-from test_capture import SEQS
 
 CFG = AnchorConfig(layers=[1, 3], fai_h_lo=2, fai_h_hi=6, window=4)
 
@@ -41,7 +40,9 @@ def bare(arch="qwen3"):
 
 def fsdp1(model):
     layer_class = type(model.model.layers[0])
-    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({layer_class}))
+    return FullyShardedDataParallel(
+        model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({layer_class})
+    )
 
 
 def fsdp2(model):
@@ -52,8 +53,9 @@ def fsdp2(model):
 
 
 def lora(model):
-    config = LoraConfig(r=4, target_modules=["q_proj", "k_proj"], lora_dropout=0.0, task_type="CAUSAL_LM",
-                        init_lora_weights=False)  # non-zero adapters: the captured q/k must include them
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj"], lora_dropout=0.0, task_type="CAUSAL_LM", init_lora_weights=False
+    )  # non-zero adapters: the captured q/k must include them
     return get_peft_model(model, config)
 
 
@@ -79,8 +81,13 @@ def call(model, layout):
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(SEQS):
         ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-    return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                 use_cache=False, return_dict=True)
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=False,
+        return_dict=True,
+    )
 
 
 def one_by_one(model):

@@ -11,9 +11,20 @@ from verl_anchor.metrics import select_layers
 def test_defaults_are_the_spec_table():
     cfg = AnchorConfig()
     assert dataclasses.asdict(cfg) == {
-        "strategy": "coupled", "window": 10, "fai_h_lo": 10, "fai_h_hi": 100, "ratio": 0.4, "gamma_amp": 1.5,
-        "head_quantile": 0.3, "num_layers": 5, "layers": None, "k": 3, "alpha": 0.5, "sign": "both",
-        "select": "top", "seed": 0,
+        "strategy": "coupled",
+        "window": 10,
+        "fai_h_lo": 10,
+        "fai_h_hi": 100,
+        "ratio": 0.4,
+        "gamma_amp": 1.5,
+        "head_quantile": 0.3,
+        "num_layers": 5,
+        "layers": None,
+        "k": 3,
+        "alpha": 0.5,
+        "sign": "both",
+        "select": "top",
+        "seed": 0,
     }
     assert cfg.band == 100
     assert AnchorConfig(fai_h_hi=None).band is None
@@ -59,7 +70,9 @@ def test_invalid_values_name_option_value_and_allowed(options, fragment):
 def test_from_mapping_prefixes_and_rejects_unknown_keys():
     cfg = AnchorConfig.from_mapping({"ratio": 0.2, "layers": [1, 2]}, prefix="algorithm.anchor.")
     assert cfg.ratio == 0.2 and cfg.layers == (1, 2)
-    with pytest.raises(ValueError, match=r"unknown option algorithm\.anchor\.gama_amp=2.*did you mean algorithm\.anchor\.gamma_amp"):
+    with pytest.raises(
+        ValueError, match=r"unknown option algorithm\.anchor\.gama_amp=2.*did you mean algorithm\.anchor\.gamma_amp"
+    ):
         AnchorConfig.from_mapping({"gama_amp": 2}, prefix="algorithm.anchor.")
     with pytest.raises(ValueError, match=r"^algorithm\.anchor\.ratio=2\.0 is invalid"):
         AnchorConfig.from_mapping({"ratio": 2.0}, prefix="algorithm.anchor.")
@@ -90,9 +103,11 @@ def test_select_layers_rejects_empty_models():
 
 
 def test_strategy_registry_says_what_each_strategy_reads():
-    needs = {name: (cfg.needs_attention, cfg.needs_entropy, cfg.needs_seeds, cfg.needs_forward)
-             for name in ("none", "local_chunk", "global_anchor", "coupled", "random", "entropy")
-             for cfg in [AnchorConfig(strategy=name)]}
+    needs = {
+        name: (cfg.needs_attention, cfg.needs_entropy, cfg.needs_seeds, cfg.needs_forward)
+        for name in ("none", "local_chunk", "global_anchor", "coupled", "random", "entropy")
+        for cfg in [AnchorConfig(strategy=name)]
+    }
     assert needs == {
         "none": (False, False, False, False),
         "local_chunk": (True, False, False, True),

@@ -107,10 +107,20 @@ def _response(index=0):
     entropy[3] = entropy[10] = 1.0
     glob = torch.tensor([2, 3])
     return ResponseAnalysis(
-        index=index, prompt="p", prompt_ids=[1], token_ids=list(range(n)), tokens=["t"] * n, generated=True,
+        index=index,
+        prompt="p",
+        prompt_ids=[1],
+        token_ids=list(range(n)),
+        tokens=["t"] * n,
+        generated=True,
         head=HeadStats(span=torch.tensor([1.0, 2, 3, 4]), waad=torch.stack([waad] * 4), fai=head_fai),
-        entropy=entropy, signals=GroupSignals(waad=waad, fai=head_fai[glob].mean(0), span_loc=1.5, span_glob=3.5),
-        local_heads=torch.tensor([0, 1]), global_heads=glob, preplan=[], anchor=[])
+        entropy=entropy,
+        signals=GroupSignals(waad=waad, fai=head_fai[glob].mean(0), span_loc=1.5, span_glob=3.5),
+        local_heads=torch.tensor([0, 1]),
+        global_heads=glob,
+        preplan=[],
+        anchor=[],
+    )
 
 
 def test_statistics_on_a_hand_made_response():
@@ -152,8 +162,12 @@ def test_demo_command(tmp_path, capsys):
     s = data["summary"]
     assert s["prompts"] == len(demo_prompts()) and s["prompts_used"] >= 1
     assert data["options"]["shuffles"] == 20 and len(data["receiver_heads"]) == 3  # 30% of 3 layers x 4 heads
-    for key in ("fai_peaks_after_waad_peaks", "fai_peaks_after_waad_peaks_shuffled",
-                "receiver_peaks_at_global_peaks", "receiver_peaks_at_global_peaks_shuffled"):
+    for key in (
+        "fai_peaks_after_waad_peaks",
+        "fai_peaks_after_waad_peaks_shuffled",
+        "receiver_peaks_at_global_peaks",
+        "receiver_peaks_at_global_peaks_shuffled",
+    ):
         assert s[key] is None or 0 <= s[key] <= 1
     for row in data["per_prompt"]:
         assert all(0 <= t < row["tokens"] - 10 for t in row["fai_peaks"] + row["receiver_peaks"])

@@ -70,8 +70,9 @@ def test_model_round_trip_and_seed_determinism(tmp_path):
     assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
 
 
-@pytest.mark.parametrize("arch, cls", [("qwen3", "Qwen3ForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
-                                       ("llama", "LlamaForCausalLM")])
+@pytest.mark.parametrize(
+    "arch, cls", [("qwen3", "Qwen3ForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("llama", "LlamaForCausalLM")]
+)
 def test_tiny_config_archs_and_fresh_objects(arch, cls):
     a, b = tiny.tiny_config(arch, num_hidden_layers=4), tiny.tiny_config(arch, num_hidden_layers=4)
     assert a is not b and a.num_hidden_layers == 4
@@ -145,8 +146,13 @@ print("PROBE" + json.dumps(got))
 
 def _probe(first_import: str, env: dict[str, str]) -> dict:
     run_env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES")}
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(first_import=first_import)],
-                         env={**run_env, **env}, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(first_import=first_import)],
+        env={**run_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Unknown platform" not in out.stderr and "failed to register" not in out.stderr, out.stderr[-3000:]
     return json.loads(out.stdout.split("PROBE", 1)[1])
@@ -186,10 +192,18 @@ def test_hf_server_generates_with_log_probs_and_loads_weights(tmp_path):
     tok = tiny.build_tokenizer()
     lengths = []
     for i in range(12):
-        prompt = tok(tok.apply_chat_template([{"role": "user", "content": f"What is {i} + 2?"}],
-                                             add_generation_prompt=True, tokenize=False))["input_ids"]
-        out = asyncio.run(server.generate("r", prompt_ids=prompt, sampling_params=dict(
-            temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, logprobs=True)))
+        prompt = tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": f"What is {i} + 2?"}], add_generation_prompt=True, tokenize=False
+            )
+        )["input_ids"]
+        out = asyncio.run(
+            server.generate(
+                "r",
+                prompt_ids=prompt,
+                sampling_params=dict(temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, logprobs=True),
+            )
+        )
         assert 1 <= len(out.token_ids) <= 24 and len(out.log_probs) == len(out.token_ids)
         assert tiny.EOS_ID not in out.token_ids[:-1]  # generation stops at the first eos
         lengths.append(len(out.token_ids))
@@ -208,7 +222,8 @@ def test_hf_server_generates_with_log_probs_and_loads_weights(tmp_path):
     asyncio.run(server.load_weights(new, global_steps=7))
     assert torch.equal(server.model.lm_head.weight, new["lm_head.weight"])
     assert asyncio.run(server.generate("g", prompt_ids=prompt, sampling_params=greedy)).extra_fields == {
-        "global_steps": 7}
+        "global_steps": 7
+    }
     with pytest.raises(KeyError):
         asyncio.run(server.load_weights({"not.a.weight": torch.zeros(1)}))
 
@@ -222,14 +237,20 @@ def _gsm8k_rows(split: str, n: int) -> pd.DataFrame:
     for i in range(n):
         a, b = 3 + 7 * i, 5 + i * i
         question = f"What is {a} + {b}?" + " Then add one more apple." * (i % 3)
-        rows.append({
-            "data_source": "openai/gsm8k",
-            "prompt": [{"role": "user", "content": question
-                        + " Let's think step by step and output the final answer after \"####\"."}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": str(a + b + i % 3)},
-            "extra_info": {"split": split, "index": i},
-        })
+        rows.append(
+            {
+                "data_source": "openai/gsm8k",
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": question + ' Let\'s think step by step and output the final answer after "####".',
+                    }
+                ],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": str(a + b + i % 3)},
+                "extra_info": {"split": split, "index": i},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -253,15 +274,22 @@ def test_main_ppo_grpo_runs_on_cpu(tmp_path, layout):
     _gsm8k_rows("test", 8).to_parquet(tmp_path / "test.parquet")
     (tmp_path / "reward.py").write_text(_REWARD)
     overrides = cpu_overrides(
-        model_dir, tmp_path / "train.parquet", tmp_path / "test.parquet",
-        total_training_steps=2, max_prompt_length=64, max_response_length=32,
+        model_dir,
+        tmp_path / "train.parquet",
+        tmp_path / "test.parquet",
+        total_training_steps=2,
+        max_prompt_length=64,
+        max_response_length=32,
         # A large step, so that a rollout server left with step-1 weights would be caught below.
         lr=1e-2,
         # padded: verl right-pads each micro-batch with a 2-D mask; packed (verl's default):
         # one (1, total_tokens) row, position ids restarting per sequence, no mask.
-        use_remove_padding=layout == "packed", attn_implementation="sdpa" if layout == "packed" else "eager",
-    ) + [f"reward.custom_reward_function.path={tmp_path / 'reward.py'}",
-         "reward.custom_reward_function.name=compute_score"]
+        use_remove_padding=layout == "packed",
+        attn_implementation="sdpa" if layout == "packed" else "eager",
+    ) + [
+        f"reward.custom_reward_function.path={tmp_path / 'reward.py'}",
+        "reward.custom_reward_function.name=compute_score",
+    ]
     log_path = tmp_path / "main_ppo.log"
     rc = run_main_ppo(overrides, tmp_path, log_path, timeout=840)
     log = log_path.read_text(errors="replace")

@@ -54,8 +54,11 @@ def spec_gamma(waad, fai, cfg):
             best = max(delta[u] for u in window)
             intro.add(max(u for u in window if delta[u] == best))  # ties to the later position
     return [
-        1 + g * min(1.0, (t in anchors and t not in dominated) + (1 - cfg.alpha) * (t in dominated)
-                    + cfg.alpha * (t in intro))
+        1
+        + g
+        * min(
+            1.0, (t in anchors and t not in dominated) + (1 - cfg.alpha) * (t in dominated) + cfg.alpha * (t in intro)
+        )
         for t in range(n)
     ]
 
@@ -152,11 +155,14 @@ def test_none_random_and_entropy_strategies():
         token_weights(waad, fai, AnchorConfig(strategy="entropy"))
 
 
-@pytest.mark.parametrize("waad, fai", [
-    ([1.0, math.nan, 2.0], [0.1, 0.2, 0.3]),
-    ([1.0, math.inf, 2.0], [0.1, 0.2, 0.3]),
-    ([1.0, 2.0, 3.0], [0.1, math.inf, math.nan]),
-])
+@pytest.mark.parametrize(
+    "waad, fai",
+    [
+        ([1.0, math.nan, 2.0], [0.1, 0.2, 0.3]),
+        ([1.0, math.inf, 2.0], [0.1, 0.2, 0.3]),
+        ([1.0, 2.0, 3.0], [0.1, math.inf, math.nan]),
+    ],
+)
 def test_degenerate_responses_get_unit_weights(waad, fai):
     waad, fai = torch.tensor(waad), torch.tensor(fai)
     assert is_degenerate(waad, fai)
@@ -175,11 +181,14 @@ def test_one_and_two_token_responses():
         assert two.shape == (2,) and two.max().item() <= 1.5
 
 
-@pytest.mark.parametrize("sign, expected", [
-    ("both", [-3.0, 0.0, 3.0, 1.0]),
-    ("positive", [-2.0, 0.0, 3.0, 1.0]),
-    ("negative", [-3.0, 0.0, 2.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "sign, expected",
+    [
+        ("both", [-3.0, 0.0, 3.0, 1.0]),
+        ("positive", [-2.0, 0.0, 3.0, 1.0]),
+        ("negative", [-3.0, 0.0, 2.0, 1.0]),
+    ],
+)
 def test_sign_rule(sign, expected):
     advantages = torch.tensor([-2.0, 0.0, 2.0, 1.0])
     gamma = torch.tensor([1.5, 1.5, 1.5, 1.0], requires_grad=True)
@@ -255,8 +264,9 @@ def test_batch_weights_random_draws_differ_between_equal_length_responses():
     weights = batch_weights(stats, [30] * 4, AnchorConfig(strategy="random"))
     assert len({tuple(w.tolist()) for w in weights}) == 4  # each response its own draw
     assert all(int((w > 1).sum()) == 12 for w in weights)
-    assert all(torch.equal(a, b) for a, b in zip(weights, batch_weights(stats, [30] * 4,
-                                                                         AnchorConfig(strategy="random"))))
+    assert all(
+        torch.equal(a, b) for a, b in zip(weights, batch_weights(stats, [30] * 4, AnchorConfig(strategy="random")))
+    )
 
 
 @pytest.mark.parametrize("strategy", ["local_chunk", "global_anchor", "coupled", "random", "entropy"])
@@ -269,8 +279,9 @@ def test_tokens_the_loss_does_not_train_are_never_selected_nor_counted(strategy)
     fai[5:12] += 10  # the most attended-to tokens: they would take the whole budget
     entropy[5:12] += 10
     cfg = AnchorConfig(strategy=strategy)
-    gamma = token_weights(waad, fai, cfg, entropy=entropy, generator=torch.Generator().manual_seed(0),
-                          trainable=trainable)
+    gamma = token_weights(
+        waad, fai, cfg, entropy=entropy, generator=torch.Generator().manual_seed(0), trainable=trainable
+    )
     assert (gamma[~trainable] == 1).all()
     if strategy in ("random", "entropy", "global_anchor"):
         defined = int((trainable & ~torch.isnan(fai)).sum()) if strategy == "global_anchor" else int(trainable.sum())

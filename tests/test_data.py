@@ -176,9 +176,31 @@ def test_countdown_parquet_schema_and_rows(tmp_path: Path) -> None:
 
 
 def test_countdown_number_range_and_short_prompt_through_the_cli(tmp_path: Path) -> None:
-    assert cli_main(["data", "countdown", "--out", str(tmp_path), "--train-size", "40", "--test-size", "4",
-                     "--min-numbers", "3", "--max-numbers", "3", "--max-target", "99", "--max-number", "12",
-                     "--prompt-style", "short"]) == 0
+    assert (
+        cli_main(
+            [
+                "data",
+                "countdown",
+                "--out",
+                str(tmp_path),
+                "--train-size",
+                "40",
+                "--test-size",
+                "4",
+                "--min-numbers",
+                "3",
+                "--max-numbers",
+                "3",
+                "--max-target",
+                "99",
+                "--max-number",
+                "12",
+                "--prompt-style",
+                "short",
+            ]
+        )
+        == 0
+    )
     rows = pq.read_table(tmp_path / "train.parquet").to_pylist()
     for r in rows:
         truth = r["reward_model"]["ground_truth"]
@@ -406,7 +428,9 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
 def test_output_directory_that_cannot_be_created(tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(DataError, match=re.escape(f"cannot create the output directory {a_file / 'sub'}: Not a directory")):
+    with pytest.raises(
+        DataError, match=re.escape(f"cannot create the output directory {a_file / 'sub'}: Not a directory")
+    ):
         prepare_countdown(a_file / "sub", 3, 2)
     src = write_jsonl(tmp_path / "m.jsonl", [{"problem": "1+1?", "answer": "2"}])
     with pytest.raises(DataError, match="cannot create the output directory"):

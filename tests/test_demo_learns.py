@@ -41,9 +41,18 @@ def test_a_few_demo_steps_raise_the_reward_on_the_training_prompts(tmp_path):
     before = success_rates(policy, chosen, SAMPLES)
 
     # The demo's settings, but 2 prompts per step and twice the demo's learning rate, so that a few steps suffice.
-    overrides = demo_overrides(tmp_path, STEPS, "anchor_coupled", model=policy, **{**POLICY_RUN, "train_batch_size": 2,
-                               "ppo_mini_batch_size": 2, "lr": 2 * POLICY_RUN["lr"]}, user_overrides=[
-        *POLICY_OVERRIDES, f"trainer.save_freq={STEPS}", "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]"])
+    overrides = demo_overrides(
+        tmp_path,
+        STEPS,
+        "anchor_coupled",
+        model=policy,
+        **{**POLICY_RUN, "train_batch_size": 2, "ppo_mini_batch_size": 2, "lr": 2 * POLICY_RUN["lr"]},
+        user_overrides=[
+            *POLICY_OVERRIDES,
+            f"trainer.save_freq={STEPS}",
+            "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
+        ],
+    )
     # The two chosen prompts are the whole training set: every step sees both.
     write_parquet(countdown_rows(chosen, "train", "short"), COUNTDOWN_SCHEMA, tmp_path / "data" / "train.parquet")
     log_path = tmp_path / "main_ppo.log"

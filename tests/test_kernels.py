@@ -17,12 +17,11 @@ import sys
 
 import pytest
 import torch
+from helpers import dense_attention
 
 from verl_anchor import AnchorConfig
 from verl_anchor.metrics import reference_stats
 from verl_anchor.stats_engine import PackedSequences, PackedTokenStats, packed_response_signals, packed_token_stats
-
-from helpers import dense_attention
 
 BOUNDED = AnchorConfig()  # the paper's training horizon [10, 100]
 ANALYSIS = AnchorConfig(fai_h_lo=0, fai_h_hi=None)  # horizon to the end of the sequence
@@ -34,12 +33,19 @@ CASES = {
     "N=2, unbounded": ([2], 4, 4, 16, ANALYSIS, 64, 64, torch.float32),
     "band-sized N=110": ([110], 4, 1, 16, BOUNDED, 64, 64, torch.float32),
     "mixed lengths, GQA 4:1, D=24": ([1, 0, 2, 150, 37, 300, 64], 8, 2, 24, BOUNDED, 64, 64, torch.float32),
-    "mixed lengths, GQA 4:1, D=24, unbounded": ([1, 0, 2, 150, 37, 300, 64], 8, 2, 24, ANALYSIS, 64, 64,
-                                                torch.float32),
+    "mixed lengths, GQA 4:1, D=24, unbounded": ([1, 0, 2, 150, 37, 300, 64], 8, 2, 24, ANALYSIS, 64, 64, torch.float32),
     "GQA 8:1, tile 16: far, near, diagonal": ([70, 129, 33], 8, 1, 16, BOUNDED, 16, 16, torch.float32),
     "GQA 8:1, tile 32 = 2 steps, unbounded": ([70, 129, 33], 8, 1, 16, ANALYSIS, 32, 16, torch.float32),
-    "window > tile, band < window": ([90], 2, 2, 16, AnchorConfig(fai_h_lo=3, fai_h_hi=5, window=20), 16, 16,
-                                     torch.float32),
+    "window > tile, band < window": (
+        [90],
+        2,
+        2,
+        16,
+        AnchorConfig(fai_h_lo=3, fai_h_hi=5, window=20),
+        16,
+        16,
+        torch.float32,
+    ),
     "no tokens": ([0, 0], 2, 1, 16, BOUNDED, 64, 64, torch.float32),
     "fp16": ([3, 140, 60], 4, 1, 16, BOUNDED, 64, 64, torch.float16),
     "fp16, unbounded": ([3, 140, 60], 4, 1, 16, ANALYSIS, 64, 64, torch.float16),
@@ -73,8 +79,9 @@ def compute_in_interpreter(path: str) -> None:
 
     def kernel_stats(q, k, cu, cfg, tile, inner):
         tiles = PackedSequences(cu, q.shape[1]).tiles(tile)
-        return triton_stats.packed_stats(q, k, tiles, cfg.window, cfg.fai_h_lo, cfg.fai_h_hi, q.shape[2] ** -0.5,
-                                         tile=tile, inner=inner)
+        return triton_stats.packed_stats(
+            q, k, tiles, cfg.window, cfg.fai_h_lo, cfg.fai_h_hi, q.shape[2] ** -0.5, tile=tile, inner=inner
+        )
 
     results = {"interpreted": type(triton_stats._row_pass).__name__}
     for case, (lengths, num_heads, num_kv, head_dim, cfg, tile, inner, dtype) in CASES.items():
@@ -97,8 +104,7 @@ def interpreted(tmp_path_factory):
         pytest.skip("triton is not installed (pip install -e '.[dev]')")
     path = tmp_path_factory.mktemp("kernels") / "results.pt"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(path)
     assert results["interpreted"] == "InterpretedFunction"
@@ -120,8 +126,9 @@ def test_kernels_equal_dense_reference(interpreted, case):
         attn = dense_attention(q[:, a:b], k[:, a:b], head_dim**-0.5)
         ref = reference_stats(attn, 0, cfg)
         offset = torch.arange(b - a)[:, None] - torch.arange(b - a)[None, :]
-        torch.testing.assert_close(row_span[:, a:b].double(), (attn * offset.clamp(min=0)).sum(dim=2),
-                                   atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(
+            row_span[:, a:b].double(), (attn * offset.clamp(min=0)).sum(dim=2), atol=1e-5, rtol=1e-6
+        )
         torch.testing.assert_close(row_span[:, a:b].double().mean(dim=1), ref.span, atol=1e-12, rtol=1e-6)
         torch.testing.assert_close(waad[:, a:b].double(), ref.waad, atol=1e-5, rtol=0)
         torch.testing.assert_close(fai[:, a:b].double(), ref.fai, atol=1e-5, rtol=0, equal_nan=True)
@@ -143,11 +150,11 @@ def test_dispatch_to_kernels_matches_torch_path(interpreted, case):
     if case != "dispatch":
         q = q.half().float()
     torch_stats = packed_token_stats(q, k, cu, BOUNDED)
-    kernel = PackedTokenStats(*interpreted[case], sequences=torch_stats.sequences, head_offset=0,
-                              num_heads_total=8)
+    kernel = PackedTokenStats(*interpreted[case], sequences=torch_stats.sequences, head_offset=0, num_heads_total=8)
     for name in ("row_span", "waad", "fai"):
-        torch.testing.assert_close(getattr(kernel, name), getattr(torch_stats, name), atol=1e-5, rtol=1e-6,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            getattr(kernel, name), getattr(torch_stats, name), atol=1e-5, rtol=1e-6, equal_nan=True
+        )
     lengths = torch.tensor([20, 0, 100, 75])
     ours = packed_response_signals(kernel, lengths, BOUNDED)
     theirs = packed_response_signals(torch_stats, lengths, BOUNDED)

@@ -26,8 +26,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def resources():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--json", "--workers", "2"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--json", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return proc, rows
 
@@ -40,8 +46,8 @@ def test_every_launch_configuration_compiles_without_spills_within_shared_memory
     print(report)
     assert rows, proc.stderr[-3000:]
     assert {(r["kernel"], r["dtype"], r["head_dim"], int(r["arch"][3:])) for r in rows} == set(
-        kernel_resources.combinations()), report
+        kernel_resources.combinations()
+    ), report
     problems = {f"{r['kernel']} {r['dtype']} D={r['head_dim']} {r['arch']}": kernel_resources.problems(r) for r in rows}
     assert not {name: found for name, found in problems.items() if found}, report
     assert proc.returncode == 0, proc.stderr[-3000:] + "\n" + report
-

@@ -25,8 +25,15 @@ def policy_loss_fn():
 
 def actor_config():
     # What verl's actor passes: clip settings and the global batch info agg_loss normalises by.
-    return OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_ratio_c": 3.0,
-                             "global_batch_info": {"dp_size": 1, "batch_num_tokens": LENGTH, "global_batch_size": 1}})
+    return OmegaConf.create(
+        {
+            "clip_ratio": 0.2,
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.2,
+            "clip_ratio_c": 3.0,
+            "global_batch_info": {"dp_size": 1, "batch_num_tokens": LENGTH, "global_batch_size": 1},
+        }
+    )
 
 
 def one_update(advantages: torch.Tensor) -> torch.Tensor:
@@ -41,8 +48,14 @@ def one_update(advantages: torch.Tensor) -> torch.Tensor:
 
     old = log_probs().detach()
     mask = torch.ones(1, LENGTH, dtype=torch.float64)
-    loss, _ = policy_loss_fn()(old_log_prob=old, log_prob=log_probs(), advantages=advantages[None].double(),
-                               response_mask=mask, loss_agg_mode="token-mean", config=actor_config())
+    loss, _ = policy_loss_fn()(
+        old_log_prob=old,
+        log_prob=log_probs(),
+        advantages=advantages[None].double(),
+        response_mask=mask,
+        loss_agg_mode="token-mean",
+        config=actor_config(),
+    )
     loss.backward()
     with torch.no_grad():
         logits -= LR * logits.grad

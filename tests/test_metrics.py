@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_stats_close, dense_attention, pooled_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from verl_anchor import AnchorConfig
-from verl_anchor import metrics
+from verl_anchor import AnchorConfig, metrics
 from verl_anchor.metrics import (
     HeadStats,
     attention_map,
@@ -18,9 +18,6 @@ from verl_anchor.metrics import (
     reference_stats,
     token_stats,
 )
-
-from helpers import assert_stats_close, dense_attention, pooled_reference
-
 
 CASES = [
     # (Hq, Hkv, N, P, fai_h_lo, fai_h_hi, window, chunk)
@@ -127,13 +124,16 @@ def test_analysis_mode_memory_is_n_times_chunk():
     assert probe.largest <= chunk * n
 
 
-@pytest.mark.parametrize("num_heads, num_kv, n, first, bins, chunk", [
-    (4, 2, 50, 0, 50, 16),  # one token per bin: the map is the attention matrix itself
-    (4, 2, 50, 0, 7, 16),  # uneven runs
-    (6, 3, 97, 30, 10, 8),  # map of the response only
-    (2, 1, 20, 19, 5, 4),  # one position
-    (2, 2, 40, 10, 64, 100),  # more bins than positions
-])
+@pytest.mark.parametrize(
+    "num_heads, num_kv, n, first, bins, chunk",
+    [
+        (4, 2, 50, 0, 50, 16),  # one token per bin: the map is the attention matrix itself
+        (4, 2, 50, 0, 7, 16),  # uneven runs
+        (6, 3, 97, 30, 10, 8),  # map of the response only
+        (2, 1, 20, 19, 5, 4),  # one position
+        (2, 2, 40, 10, 64, 100),  # more bins than positions
+    ],
+)
 def test_attention_map_equals_pooled_dense_attention(num_heads, num_kv, n, first, bins, chunk):
     torch.manual_seed(n + first)
     q, k = torch.randn(num_heads, n, 8), torch.randn(num_kv, n, 8)
@@ -258,8 +258,10 @@ def test_window_longer_than_the_sequence_costs_no_memory():
     statistics of W = N, and no tensor grows with W (it tried to allocate H x chunk x W)."""
     torch.manual_seed(7)
     q, k = torch.randn(1, 50, 8), torch.randn(1, 50, 8)
-    huge, exact = AnchorConfig(window=2**24, fai_h_hi=None, fai_h_lo=0), AnchorConfig(window=50, fai_h_hi=None,
-                                                                                     fai_h_lo=0)
+    huge, exact = (
+        AnchorConfig(window=2**24, fai_h_hi=None, fai_h_lo=0),
+        AnchorConfig(window=50, fai_h_hi=None, fai_h_lo=0),
+    )
     with _LargestTensor() as probe:
         stats = token_stats(q, k, huge, chunk_size=4)
     assert probe.largest <= 50 * 50

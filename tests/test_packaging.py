@@ -2,11 +2,11 @@
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -27,8 +27,11 @@ def test_recipes_resolve_from_the_checkout_install():
 
 @pytest.mark.timeout(600)
 def test_recipes_compose_from_a_built_wheel(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("verl_anchor-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -46,7 +49,12 @@ def test_recipes_compose_from_a_built_wheel(tmp_path):
         "print(config.algorithm.adv_estimator)\n"
     )
     site = str(tmp_path / "site")
-    proc = subprocess.run([sys.executable, "-c", probe, site], capture_output=True, text=True,
-                          env={"PYTHONPATH": site, "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, site],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": site, "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "anchor_coupled"

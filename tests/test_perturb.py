@@ -17,7 +17,12 @@ from verl_anchor.cli import main
 
 def test_content_words_drop_function_words_and_keep_numbers():
     assert content_words("The answer is 42, so 3.5 apples! Then THE apples are left.") == {
-        "answer", "42", "3.5", "apples", "left"}
+        "answer",
+        "42",
+        "3.5",
+        "apples",
+        "left",
+    }
     assert content_words("") == set() and content_words("is the of") == set()
 
 
@@ -37,8 +42,11 @@ def test_fai_positions_high_low_disjoint_and_eligible():
 
 
 def test_summarise():
-    problems = [{"jaccard_high": 0.2, "jaccard_low": 0.6}, {"jaccard_high": 0.5, "jaccard_low": 0.4},
-                {"jaccard_high": None, "jaccard_low": None}]
+    problems = [
+        {"jaccard_high": 0.2, "jaccard_low": 0.6},
+        {"jaccard_high": 0.5, "jaccard_low": 0.4},
+        {"jaccard_high": None, "jaccard_low": None},
+    ]
     s = summarise(problems)
     assert (s["problems"], s["problems_used"]) == (3, 2)
     assert s["jaccard_high"] == pytest.approx(0.35) and s["jaccard_low"] == pytest.approx(0.5)
@@ -48,15 +56,31 @@ def test_summarise():
 
 def test_demo_command_greedy_references_reproduce_the_response(tmp_path, capsys):
     continuation = 6
-    argv = ["perturb", "--demo", "--out", str(tmp_path), "--temperature", "0", "--max-new-tokens", "40",
-            "--positions", "2", "--candidates", "2", "--continuation-tokens", str(continuation)]
+    argv = [
+        "perturb",
+        "--demo",
+        "--out",
+        str(tmp_path),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "40",
+        "--positions",
+        "2",
+        "--candidates",
+        "2",
+        "--continuation-tokens",
+        str(continuation),
+    ]
     assert main(argv) == 0
     assert "share of problems where high < low" in capsys.readouterr().out
     data = json.loads((tmp_path / "perturb.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(data["model"])
     assert data["temperature"] == 0.0
     # The same greedy responses and their FAI, from the analyze command.
-    assert main(["analyze", "--demo", "--out", str(tmp_path / "a"), "--temperature", "0", "--max-new-tokens", "40"]) == 0
+    assert (
+        main(["analyze", "--demo", "--out", str(tmp_path / "a"), "--temperature", "0", "--max-new-tokens", "40"]) == 0
+    )
     responses = {p["index"]: p for p in json.loads((tmp_path / "a" / "metrics.json").read_text())["prompts"]}
     assert len(data["problems"]) == len(demo_prompts())
     for problem in data["problems"]:

@@ -5,11 +5,11 @@ import dataclasses
 import json
 import re
 import shutil
-import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -31,8 +31,19 @@ from verl_anchor.tiny import CacheError, asset_problem
 from verl_anchor.usage import UsageError
 
 # Small enough to train in seconds: the loop, the cache and determinism, not the accuracy.
-QUICK = PolicyRecipe(sft_problems=64, heldout_problems=8, layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16,
-                     intermediate=64, steps=3, batch_size=4, warmup_steps=1)
+QUICK = PolicyRecipe(
+    sft_problems=64,
+    heldout_problems=8,
+    layers=2,
+    hidden=32,
+    heads=2,
+    kv_heads=1,
+    head_dim=16,
+    intermediate=64,
+    steps=3,
+    batch_size=4,
+    warmup_steps=1,
+)
 
 
 def test_worked_solution_steps_follow_the_witness_and_score_full_marks():
@@ -61,8 +72,9 @@ def test_splits_are_disjoint_and_the_heldout_set_does_not_depend_on_the_other_si
     other = policy_splits(dataclasses.replace(QUICK, sft_problems=100), rl_problems=5)
     assert other.heldout == splits.heldout
     assert other.sft[:64] == splits.sft  # the RL prompts follow the SFT ones in the same stream
-    assert all(len(p.numbers) == 3 and max(p.numbers) <= QUICK.max_number and p.target <= QUICK.max_target
-               for p in splits.sft)
+    assert all(
+        len(p.numbers) == 3 and max(p.numbers) <= QUICK.max_number and p.target <= QUICK.max_target for p in splits.sft
+    )
 
 
 def test_training_is_deterministic_for_a_seed_and_the_seed_matters(tmp_path):
@@ -183,12 +195,15 @@ def test_policy_command_prints_the_shipped_policy(capsys):
     assert str(SHIPPED_POLICY) in out and f"{accuracy['greedy']:.1%} greedy" in out
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--train"], "--train and --out go together"),
-    (["--out", "{tmp}/x"], "--train and --out go together"),
-    (["--train", "--evaluate", "--out", "{tmp}/x"], "give one"),
-    (["--train", "--out", "{tmp}"], "is not empty"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--train"], "--train and --out go together"),
+        (["--out", "{tmp}/x"], "--train and --out go together"),
+        (["--train", "--evaluate", "--out", "{tmp}/x"], "give one"),
+        (["--train", "--out", "{tmp}"], "is not empty"),
+    ],
+)
 def test_policy_command_refuses_bad_options_in_one_line(tmp_path, capsys, monkeypatch, argv, words):
     (tmp_path / "something").write_text("")
     monkeypatch.setattr(policy, "train_policy", lambda *a, **k: pytest.fail("started training"))

@@ -75,15 +75,23 @@ def wait_for(condition, timeout: float, what: str, launcher: subprocess.Popen | 
         if value:
             return value
         if launcher is not None and launcher.poll() is not None:
-            pytest.fail(f"the launcher exited with {launcher.returncode} before the {what}: {launcher.stdout.read()[-3000:]}")
+            pytest.fail(
+                f"the launcher exited with {launcher.returncode} before the {what}: {launcher.stdout.read()[-3000:]}"
+            )
         time.sleep(0.5)
     pytest.fail(f"no {what} within {timeout:.0f} s")
 
 
 def start_launcher(workdir: Path, overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(workdir), *overrides], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(workdir), *overrides],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def fake_verl_env(tmp_path: Path) -> dict[str, str]:
@@ -113,8 +121,9 @@ def stop_and_check(launcher: subprocess.Popen, signum: int, pids: list[int]) -> 
         output = launcher.stdout.read()
         assert rc == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signum), output[-3000:]
         assert "Traceback" not in output, output[-3000:]
-        wait_for(lambda: not any(map(alive, pids)) and not run_processes(launcher.pid), 20,
-                 "end of the run's processes")
+        wait_for(
+            lambda: not any(map(alive, pids)) and not run_processes(launcher.pid), 20, "end of the run's processes"
+        )
     finally:  # never leave anything running, even when the test fails
         launcher.kill()
         for pid in [*pids, *(pid for pid, _ in run_processes(launcher.pid))]:
@@ -127,8 +136,12 @@ def test_a_stopped_or_killed_launcher_leaves_no_process_of_its_run(tmp_path: Pat
     workdir = tmp_path / "run"
     launcher = start_launcher(workdir, [], fake_verl_env(tmp_path))
     try:
-        text = wait_for(lambda: (workdir / "pids.txt").is_file() and (workdir / "pids.txt").read_text(), 120,
-                        "stand-in run", launcher)
+        text = wait_for(
+            lambda: (workdir / "pids.txt").is_file() and (workdir / "pids.txt").read_text(),
+            120,
+            "stand-in run",
+            launcher,
+        )
     except BaseException:
         launcher.kill()
         raise
@@ -137,21 +150,34 @@ def test_a_stopped_or_killed_launcher_leaves_no_process_of_its_run(tmp_path: Pat
     stop_and_check(launcher, signum, pids)
 
 
-def test_a_dir_that_a_live_run_holds_is_refused_until_the_run_is_gone(tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_dir_that_a_live_run_holds_is_refused_until_the_run_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """demo and compare refuse an --out dir whose lock a command's verl run still holds (one error line naming
     the dir and the pid), and take it once the run is gone."""
     workdir = tmp_path / "run"
-    locking = _LAUNCHER.replace("workdir = Path(sys.argv[1])\n", "workdir = Path(sys.argv[1])\n"
-                                "from verl_anchor.cpu.launch import hold_output_dir\nhold_output_dir(workdir)\n")
+    locking = _LAUNCHER.replace(
+        "workdir = Path(sys.argv[1])\n",
+        "workdir = Path(sys.argv[1])\nfrom verl_anchor.cpu.launch import hold_output_dir\nhold_output_dir(workdir)\n",
+    )
     assert locking != _LAUNCHER
     workdir.mkdir()
     env = fake_verl_env(tmp_path)
-    launcher = subprocess.Popen([sys.executable, "-c", locking, str(workdir)], cwd=workdir, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", locking, str(workdir)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        text = wait_for(lambda: (workdir / "pids.txt").is_file() and (workdir / "pids.txt").read_text(), 120,
-                        "stand-in run", launcher)
+        text = wait_for(
+            lambda: (workdir / "pids.txt").is_file() and (workdir / "pids.txt").read_text(),
+            120,
+            "stand-in run",
+            launcher,
+        )
         driver = int(text.split()[0])
         lock = str(workdir / LOCK_FILE)
         assert any(os.readlink(fd.path) == lock for fd in os.scandir(f"/proc/{driver}/fd"))  # the run inherits it
@@ -199,6 +225,7 @@ def test_a_math_verify_worker_busy_in_c_code_dies_with_its_parent(tmp_path: Path
     parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)})
     workers: list[int] = []
     try:
+
         def busy_worker() -> list[int]:
             # pebble's worker (the spawn resource tracker is the other child) deep in 9^{9^{9}}: seconds of CPU
             return [pid for pid in children(parent.pid) if alive(pid) and cpu_seconds(pid) > 5]
@@ -235,14 +262,23 @@ def test_math_verify_workers_outlive_the_thread_that_started_their_pool() -> Non
 def test_sigterm_to_a_real_verl_run_leaves_no_ray_or_verl_process(tmp_path: Path) -> None:
     workdir = tmp_path / "run"
     workdir.mkdir()
-    overrides = demo_overrides(workdir, steps=100, estimator="anchor_coupled", model=ensure_tiny_model(tmp_path / "cache"))
+    overrides = demo_overrides(
+        workdir, steps=100, estimator="anchor_coupled", model=ensure_tiny_model(tmp_path / "cache")
+    )
     launcher = start_launcher(workdir, overrides, dict(os.environ))
     try:
         # Underway: Ray's daemons, the trainer's workers and the rollout server are up (the quick tests cover
         # SIGKILL and the other signals; one Ray start-up is the slow part).
-        started = wait_for(lambda: {"raylet", "gcs_server", "ray::WorkerDict", "ray::HFServer"}
-                           <= {name for _, name in run_processes(launcher.pid)} and run_processes(launcher.pid),
-                           600, "Ray and verl workers", launcher)
+        started = wait_for(
+            lambda: (
+                {"raylet", "gcs_server", "ray::WorkerDict", "ray::HFServer"}
+                <= {name for _, name in run_processes(launcher.pid)}
+                and run_processes(launcher.pid)
+            ),
+            600,
+            "Ray and verl workers",
+            launcher,
+        )
     except BaseException:
         launcher.kill()
         raise
@@ -251,8 +287,13 @@ def test_sigterm_to_a_real_verl_run_leaves_no_ray_or_verl_process(tmp_path: Path
 
 def test_ctrl_c_outside_a_verl_run_is_one_line_and_exit_130():
     """A command busy in its own work (here the policy's evaluation) stopped by Ctrl-C: no traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "verl_anchor.cli", "policy", "--evaluate"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "verl_anchor.cli", "policy", "--evaluate"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:  # the evaluation starts right after the recorded accuracy is printed
             if line.startswith("recorded:"):

@@ -40,12 +40,22 @@ def test_recipe_composes_and_validates(name):
     validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
 
 
-@pytest.mark.parametrize("overrides, strategy", [
-    (["algorithm.adv_estimator=anchor_local_chunk"], "local_chunk"),
-    (["algorithm.adv_estimator=anchor_random", "+algorithm.anchor.seed=3"], "random"),
-    (["algorithm.adv_estimator=anchor_global_anchor", "+algorithm.anchor.select=bottom", "+algorithm.anchor.sign=positive",
-      "+algorithm.anchor.ratio=0.2"], "global_anchor"),
-])
+@pytest.mark.parametrize(
+    "overrides, strategy",
+    [
+        (["algorithm.adv_estimator=anchor_local_chunk"], "local_chunk"),
+        (["algorithm.adv_estimator=anchor_random", "+algorithm.anchor.seed=3"], "random"),
+        (
+            [
+                "algorithm.adv_estimator=anchor_global_anchor",
+                "+algorithm.anchor.select=bottom",
+                "+algorithm.anchor.sign=positive",
+                "+algorithm.anchor.ratio=0.2",
+            ],
+            "global_anchor",
+        ),
+    ],
+)
 def test_strategy_and_ablations_are_one_override_away(overrides, strategy):
     settings = read_settings(compose_recipe("countdown_qwen3_4b", overrides))
     assert settings.cfg.strategy == strategy
@@ -59,8 +69,10 @@ def test_train_launcher_prepares_missing_data_and_prints_the_command(tmp_path, m
     assert main(["train", "countdown_qwen3_4b", "--dry-run", "algorithm.adv_estimator=anchor_random"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "countdown" / "train.parquet").exists() and (tmp_path / "countdown" / "test.parquet").exists()
-    assert "-m verl.trainer.main_ppo --config-path=pkg://verl_anchor.recipes --config-name=countdown_qwen3_4b " \
-           "algorithm.adv_estimator=anchor_random" in out
+    assert (
+        "-m verl.trainer.main_ppo --config-path=pkg://verl_anchor.recipes --config-name=countdown_qwen3_4b "
+        "algorithm.adv_estimator=anchor_random" in out
+    )
     assert main(["train", "countdown_qwen3_4b", "--dry-run", f"data.train_files={tmp_path}/mystery/train.parquet"]) == 2
     assert "not a dataset verl-anchor can prepare" in capsys.readouterr().err
 

@@ -16,8 +16,14 @@ import pytest
 
 from verl_anchor.rewards import compute_score, math_verify_pool
 from verl_anchor.rewards.boxed_math import last_boxed
-from verl_anchor.rewards.math_verify_pool import ATTEMPTS, MAX_TIMEOUT_S, MathVerifier, MathVerifyUnavailable, check_timeout
 from verl_anchor.rewards.countdown import MAX_ANSWER_CHARS, last_answer, parse_equation, score_countdown
+from verl_anchor.rewards.math_verify_pool import (
+    ATTEMPTS,
+    MAX_TIMEOUT_S,
+    MathVerifier,
+    MathVerifyUnavailable,
+    check_timeout,
+)
 
 # (7 - 5) * 3 * 2 = 12, checked by hand.
 GT = {"target": 12, "numbers": [3, 5, 7, 2]}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import dense_attention
 
 from verl_anchor import AnchorConfig, stats_engine
 from verl_anchor.metrics import group_heads, reference_stats, response_signals, token_stats
@@ -23,8 +24,6 @@ from verl_anchor.stats_engine import (
     select_backend,
     stack_layers,
 )
-
-from helpers import dense_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [1, 37, 0, 150, 2, 120]
@@ -74,9 +73,11 @@ def test_response_signals_equal_per_sequence_metrics():
     head_span = response_head_span(stats, lengths)
     for i, ((a, b), n, mine) in enumerate(zip(sequences_of(cu), RESPONSES, signals.to_group_signals())):
         per_layer = [token_stats(q[:, a:b] * (1 + layer), k[:, a:b], cfg) for layer in range(3)]
-        single = type(per_layer[0])(row_span=torch.cat([s.row_span for s in per_layer]),
-                                    waad=torch.cat([s.waad for s in per_layer]),
-                                    fai=torch.cat([s.fai for s in per_layer]))
+        single = type(per_layer[0])(
+            row_span=torch.cat([s.row_span for s in per_layer]),
+            waad=torch.cat([s.waad for s in per_layer]),
+            fai=torch.cat([s.fai for s in per_layer]),
+        )
         theirs = response_signals(single, n, cfg)
         assert mine.waad.shape == theirs.waad.shape == (n,)
         torch.testing.assert_close(mine.waad, theirs.waad, atol=1e-6, rtol=1e-6)
@@ -116,8 +117,9 @@ def test_sequence_alone_and_packed_give_bitwise_equal_signals():
         cu = torch.tensor([0, before, before + 90, before + 90 + after])
         packed = packed_token_stats(big_q, big_k, cu, cfg)
         for name in ("row_span", "waad", "fai"):
-            torch.testing.assert_close(getattr(packed, name)[:, before : before + 90], getattr(alone, name),
-                                       atol=0, rtol=0, equal_nan=True)
+            torch.testing.assert_close(
+                getattr(packed, name)[:, before : before + 90], getattr(alone, name), atol=0, rtol=0, equal_nan=True
+            )
         signals = packed_response_signals(packed, torch.tensor([before, 50, after // 2]), cfg)
         mine = signals.to_group_signals()[1]
         expected = alone_signals.to_group_signals()[0]
@@ -134,11 +136,17 @@ def test_sequence_parallel_head_slices_sum_to_the_full_signals():
     lengths = torch.tensor(RESPONSES)
     full = stack_layers([packed_token_stats(q, k, cu, cfg), packed_token_stats(q.flip(1), k.flip(1), cu, cfg)])
     expected = packed_response_signals(full, lengths, cfg)
-    ranks = [stack_layers([packed_token_stats(q[h : h + 4], k[h // 4 : h // 4 + 1], cu, cfg, head_offset=h,
-                                              num_heads_total=8),
-                           packed_token_stats(q.flip(1)[h : h + 4], k.flip(1)[h // 4 : h // 4 + 1], cu, cfg,
-                                              head_offset=h, num_heads_total=8)])
-             for h in (0, 4)]
+    ranks = [
+        stack_layers(
+            [
+                packed_token_stats(q[h : h + 4], k[h // 4 : h // 4 + 1], cu, cfg, head_offset=h, num_heads_total=8),
+                packed_token_stats(
+                    q.flip(1)[h : h + 4], k.flip(1)[h // 4 : h // 4 + 1], cu, cfg, head_offset=h, num_heads_total=8
+                ),
+            ]
+        )
+        for h in (0, 4)
+    ]
     assert ranks[1].head_ids == (4, 5, 6, 7, 12, 13, 14, 15)
     gathered = torch.empty(16, len(LENGTHS))
     for rank in ranks:
@@ -186,6 +194,7 @@ def _forget_devices():
 def fake_cuda_device(monkeypatch):
     """A CUDA device 0 of the given compute capability and opt-in shared memory per block, as torch reports them
     (there is no GPU here); the once-per-device answers are forgotten before and after."""
+
     def install(capability, shared_memory_per_block):
         properties = types.SimpleNamespace(shared_memory_per_block_optin=shared_memory_per_block)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -246,8 +255,11 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("bounds", [[0, 4, 12], [1, 4, 10], [0, 4, 9], [0, 6, 4, 10], [0, 4, 10, 10, 11]],
-                         ids=["past T", "not from 0", "short of T", "not monotone", "past T at the end"])
+@pytest.mark.parametrize(
+    "bounds",
+    [[0, 4, 12], [1, 4, 10], [0, 4, 9], [0, 6, 4, 10], [0, 4, 10, 10, 11]],
+    ids=["past T", "not from 0", "short of T", "not monotone", "past T at the end"],
+)
 def test_bad_boundaries_are_refused_before_any_launch(kernel_calls, bounds):
     """The kernels trust their tiles: boundaries past T read and write out of bounds, others leave tokens
     unwritten (`torch.empty`). Both backends share the one check."""
@@ -264,8 +276,11 @@ def test_head_slice_crossing_a_key_head_group_is_refused(kernel_calls, monkeypat
     q, k, cu = packed_inputs([4, 6])
     for backend in ("torch", "triton"):
         monkeypatch.setattr(stats_engine, "select_backend", lambda q, backend=backend: backend)
-        with pytest.raises(ValueError, match=r"query heads 2\.\.5 of 8 .* cross a key-head group: start the slice at a "
-                                             r"multiple of 4"):
+        with pytest.raises(
+            ValueError,
+            match=r"query heads 2\.\.5 of 8 .* cross a key-head group: start the slice at a "
+            r"multiple of 4",
+        ):
             packed_token_stats(q[2:6], k[:1], cu, AnchorConfig(), head_offset=2, num_heads_total=8)
     assert kernel_calls == []
     packed_token_stats(q[4:8], k[1:], cu, AnchorConfig(), head_offset=4, num_heads_total=8)  # a whole group
@@ -310,8 +325,13 @@ def test_micro_batch_past_the_kernels_int32_range_is_refused():
 def test_bench_gpu_exits_cleanly_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -350,15 +370,20 @@ def test_kernel_device_rules():
     """sm_80/sm_90 (and 8.x with 99 KB) run head dims up to 128; sm_75, wider heads, or too little shared memory
     do not. The shared memory asked is `shared_memory_bytes`, which the compile check bounds by what triton uses."""
     triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
-    for capability, shared, head_dim in [((8, 0), 163 * 1024, 128), ((8, 6), 99 * 1024, 128), ((9, 0), 227 * 1024, 64),
-                                         ((9, 0), None, 96)]:
+    for capability, shared, head_dim in [
+        ((8, 0), 163 * 1024, 128),
+        ((8, 6), 99 * 1024, 128),
+        ((9, 0), 227 * 1024, 64),
+        ((9, 0), None, 96),
+    ]:
         assert triton_stats.device_problem(capability, shared, head_dim) is None
     assert "compute capability 7.5" in triton_stats.device_problem((7, 5), 64 * 1024, 128)
     assert "head dim 256" in triton_stats.device_problem((9, 0), 227 * 1024, 256)
     need = triton_stats.shared_memory_bytes(torch.bfloat16, 128)
     assert triton_stats.device_problem((8, 0), need, 128) is None
     assert f"needs {need} bytes of shared memory per block, the device allows {need - 1}" in (
-        triton_stats.device_problem((8, 0), need - 1, 128))
+        triton_stats.device_problem((8, 0), need - 1, 128)
+    )
 
 
 def test_devices_the_kernels_do_not_fit_fall_back_to_torch_with_one_warning(fake_cuda_device, caplog):

@@ -52,8 +52,12 @@ def moved_verl(tmp_path):
     ray_trainer = root / "trainer" / "ppo" / "ray_trainer.py"
     source = ray_trainer.read_text()
     assert "    def _compute_old_log_prob(self, batch: DataProto):" in source
-    ray_trainer.write_text(source.replace("    def _compute_old_log_prob(self, batch: DataProto):",
-                                          "    def _compute_old_log_prob(self, data: DataProto, step: int):"))
+    ray_trainer.write_text(
+        source.replace(
+            "    def _compute_old_log_prob(self, batch: DataProto):",
+            "    def _compute_old_log_prob(self, data: DataProto, step: int):",
+        )
+    )
     metric_utils = root / "trainer" / "ppo" / "metric_utils.py"
     metric_utils.write_text(metric_utils.read_text().replace("def compute_data_metrics(", "def data_metrics("))
     (root / "workers" / "utils" / "padding.py").rename(root / "workers" / "utils" / "paddings.py")
@@ -83,10 +87,20 @@ def test_start_up_checks_the_pins_of_the_pipeline_it_runs(monkeypatch):
     monkeypatch.setattr(verl_api, "check_installed", lambda pipelines: checked.append(sorted(pipelines)))
     monkeypatch.setenv("VERL_PLATFORM", "cpu")
     read_settings(compose_verl(["algorithm.adv_estimator=anchor_coupled"]))
-    read_settings(compose_verl(["algorithm.adv_estimator=anchor_coupled", "trainer.use_v1=false",
-                                "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"]))
-    read_settings(compose_verl(["algorithm.adv_estimator=anchor_random",
-                                "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"]))
+    read_settings(
+        compose_verl(
+            [
+                "algorithm.adv_estimator=anchor_coupled",
+                "trainer.use_v1=false",
+                "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+            ]
+        )
+    )
+    read_settings(
+        compose_verl(
+            ["algorithm.adv_estimator=anchor_random", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"]
+        )
+    )
     assert checked == [["cpu", "v1"], ["cpu", "legacy", "ulysses"], ["cpu", "v1"]]
     monkeypatch.undo()
 
@@ -118,6 +132,7 @@ def test_patching_wraps_once_where_the_symbol_lives(monkeypatch):
         def validate(*args, **kwargs):
             calls.append(1)
             return original(*args, **kwargs)
+
         return validate
 
     first = verl_api.patch("validate_config", counting)
@@ -126,8 +141,13 @@ def test_patching_wraps_once_where_the_symbol_lives(monkeypatch):
 
 
 # Modules whose names change between releases; verl_anchor reaches them only through the seam.
-INTERNAL_PREFIXES = ("verl", "transfer_queue", "transformers.modeling_utils", "transformers.integrations",
-                     "transformers.modeling_flash_attention_utils")
+INTERNAL_PREFIXES = (
+    "verl",
+    "transfer_queue",
+    "transformers.modeling_utils",
+    "transformers.integrations",
+    "transformers.modeling_flash_attention_utils",
+)
 
 
 def test_no_module_but_the_seam_imports_verl_internals():
@@ -136,10 +156,16 @@ def test_no_module_but_the_seam_imports_verl_internals():
         if path.name == "verl_api.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                else []
+            )
             for name in names:
-                if name.split(".")[0] == "verl" or any(name == p or name.startswith(p + ".")
-                                                       for p in INTERNAL_PREFIXES[1:]):
+                if name.split(".")[0] == "verl" or any(
+                    name == p or name.startswith(p + ".") for p in INTERNAL_PREFIXES[1:]
+                ):
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {name}")
     assert offenders == []

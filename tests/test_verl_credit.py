@@ -9,9 +9,9 @@ from tensordict import TensorDict
 
 from verl_anchor import AnchorConfig
 from verl_anchor.credit import response_seed, shape_advantages, token_weights
+from verl_anchor.integration.advantage import ResponseBatch, scale_advantages
 from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
 from verl_anchor.integration.settings import AnchorSettings
-from verl_anchor.integration.advantage import ResponseBatch, scale_advantages
 
 LENGTHS = [12, 1, 7, 15]
 
@@ -34,10 +34,17 @@ def make_batch(seed=0, broken=None, order=None):
     if order is not None:  # the same responses in another row order
         advantages, waad, fai, entropy = ([rows[i] for i in order] for rows in (advantages, waad, fai, entropy))
     lengths = [LENGTHS[i] for i in (order or range(len(LENGTHS)))]
-    data = TensorDict({
-        "advantages": nested(advantages), "response_mask": nested([torch.ones(n) for n in lengths]),
-        "entropy": nested(entropy), "anchor_waad": nested(waad), "anchor_fai": nested(fai), "anchor_seq": nested(seq),
-    }, batch_size=[len(LENGTHS)])
+    data = TensorDict(
+        {
+            "advantages": nested(advantages),
+            "response_mask": nested([torch.ones(n) for n in lengths]),
+            "entropy": nested(entropy),
+            "anchor_waad": nested(waad),
+            "anchor_fai": nested(fai),
+            "anchor_seq": nested(seq),
+        },
+        batch_size=[len(LENGTHS)],
+    )
     return data, advantages, waad, fai, entropy
 
 
@@ -146,5 +153,6 @@ def test_anchor_estimators_refuse_to_run_outside_the_anchor_trainer():
     register_estimators()
     assert get_adv_estimator_fn("anchor_coupled") is refuse_outside_anchor_trainer
     with pytest.raises(RuntimeError, match="bypassed it"):
-        get_adv_estimator_fn("anchor_coupled")(token_level_rewards=torch.zeros(2, 3), response_mask=torch.ones(2, 3),
-                                               index=np.array(["a", "a"]), config={})
+        get_adv_estimator_fn("anchor_coupled")(
+            token_level_rewards=torch.zeros(2, 3), response_mask=torch.ones(2, 3), index=np.array(["a", "a"]), config={}
+        )

@@ -26,7 +26,8 @@ def run_anchor(tmp_path, estimator):
     tmp_path.mkdir(parents=True)
     (tmp_path / "reward.py").write_text(_REWARD)
     overrides = demo_overrides(tmp_path, steps=2, estimator=estimator, model=ensure_tiny_model(tmp_path / "cache")) + [
-        f"reward.custom_reward_function.path={tmp_path / 'reward.py'}"]
+        f"reward.custom_reward_function.path={tmp_path / 'reward.py'}"
+    ]
     log_path = tmp_path / "main_ppo.log"
     rc = run_main_ppo(overrides, tmp_path, log_path, timeout=840)
     log = log_path.read_text(errors="replace")
@@ -58,16 +59,28 @@ def test_coupled_amplifies_tokens_inside_verl_and_random_differs(tmp_path):
         assert metrics["critic/advantages/max"] == pytest.approx(1.5 * GRPO_ABS, rel=1e-3)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["+algorithm.anchor.strategy=unknown"], "algorithm.anchor.strategy='unknown' is not an option"),
-    (["+algorithm.anchor.ratio=2.0"], "algorithm.anchor.ratio=2.0 is invalid: use a finite number in (0, 1]"),
-    (["algorithm.adv_estimator=anchor_copuled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
-    (["+algorithm.anchor.base_estimator=gae", "critic.enable=false"], "set critic.enable=true"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["+algorithm.anchor.strategy=unknown"], "algorithm.anchor.strategy='unknown' is not an option"),
+        (["+algorithm.anchor.ratio=2.0"], "algorithm.anchor.ratio=2.0 is invalid: use a finite number in (0, 1]"),
+        (["algorithm.adv_estimator=anchor_copuled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
+        (["+algorithm.anchor.base_estimator=gae", "critic.enable=false"], "set critic.enable=true"),
+    ],
+)
 def test_bad_configs_fail_in_the_driver_before_any_rollout(tmp_path, extra, message):
-    overrides = demo_overrides(tmp_path, steps=1, estimator="anchor_coupled", model=ensure_tiny_model(tmp_path / "cache")) + extra
-    proc = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", *overrides], cwd=tmp_path,
-                          env={**os.environ, **cpu_env()}, capture_output=True, text=True, timeout=300)
+    overrides = (
+        demo_overrides(tmp_path, steps=1, estimator="anchor_coupled", model=ensure_tiny_model(tmp_path / "cache"))
+        + extra
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "verl.trainer.main_ppo", *overrides],
+        cwd=tmp_path,
+        env={**os.environ, **cpu_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and message in output, output[-3000:]
     assert "ray.init" not in output and "Started a local Ray instance" not in output  # refused before Ray

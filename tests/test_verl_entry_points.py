@@ -13,22 +13,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_python(args, timeout=600, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("VERL_PLATFORM", None)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
 @pytest.mark.timeout(600)
 def test_fully_async_main_refuses_anchor_estimators_before_ray_starts():
     """verl's DAPO fully-async launch (with Ulysses SP, as its example sets): the real module's driver."""
-    proc = run_python([
-        "-m", "verl.experimental.fully_async_policy.fully_async_main",
-        "algorithm.adv_estimator=anchor_coupled",
-        "actor_rollout_ref.actor.ulysses_sequence_parallel_size=4",
-        "actor_rollout_ref.rollout.n=4",
-    ])
+    proc = run_python(
+        [
+            "-m",
+            "verl.experimental.fully_async_policy.fully_async_main",
+            "algorithm.adv_estimator=anchor_coupled",
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size=4",
+            "actor_rollout_ref.rollout.n=4",
+        ]
+    )
     assert proc.returncode != 0
-    assert ("algorithm.adv_estimator=anchor_coupled is not supported by python -m "
-            "verl.experimental.fully_async_policy.fully_async_main") in proc.stderr
+    assert (
+        "algorithm.adv_estimator=anchor_coupled is not supported by python -m "
+        "verl.experimental.fully_async_policy.fully_async_main"
+    ) in proc.stderr
     assert "launch python -m verl.trainer.main_ppo instead" in proc.stderr
     # run_ppo prints its Ray arguments on the line before ray.init.
     assert "ray init kwargs" not in proc.stdout
@@ -41,11 +45,20 @@ def test_one_step_off_main_refuses_anchor_estimators_before_ray_starts():
 
     # Its config finds verl's ppo_trainer by the relative search path file://verl/trainer/config, so it is
     # launched from the directory that holds verl, as verl's example scripts are from a verl checkout.
-    proc = run_python(["-m", "verl.experimental.one_step_off_policy.main_ppo", "algorithm.adv_estimator=anchor_random",
-                       "actor_rollout_ref.rollout.n=4"], cwd=Path(verl.__file__).parents[1])
+    proc = run_python(
+        [
+            "-m",
+            "verl.experimental.one_step_off_policy.main_ppo",
+            "algorithm.adv_estimator=anchor_random",
+            "actor_rollout_ref.rollout.n=4",
+        ],
+        cwd=Path(verl.__file__).parents[1],
+    )
     assert proc.returncode != 0
-    assert ("algorithm.adv_estimator=anchor_random is not supported by python -m "
-            "verl.experimental.one_step_off_policy.main_ppo: its OneStepOffRayTrainer") in proc.stderr
+    assert (
+        "algorithm.adv_estimator=anchor_random is not supported by python -m "
+        "verl.experimental.one_step_off_policy.main_ppo: its OneStepOffRayTrainer"
+    ) in proc.stderr
     assert "ray init kwargs" not in proc.stdout
 
 
@@ -67,8 +80,10 @@ def test_the_entry_point_check_leaves_main_ppo_and_plain_estimators_alone():
     auto_set_device(sft)
     auto_set_device(None)
     with pytest.raises(ValueError, match="anchor_coupled is not supported by python -m verl.experimental.one_step"):
-        check_entry_point(OmegaConf.create({"algorithm": {"adv_estimator": "anchor_coupled"}}),
-                          "verl.experimental.one_step_off_policy.main_ppo")
+        check_entry_point(
+            OmegaConf.create({"algorithm": {"adv_estimator": "anchor_coupled"}}),
+            "verl.experimental.one_step_off_policy.main_ppo",
+        )
     check_entry_point(OmegaConf.create({"algorithm": {"adv_estimator": "grpo"}, "async_training": {}}))
     with pytest.raises(ValueError, match="anchor_random is not supported by python -m verl.experimental"):
         check_entry_point(OmegaConf.create({"algorithm": {"adv_estimator": "anchor_random"}, "async_training": {}}))
@@ -82,8 +97,10 @@ def test_a_missing_transfer_queue_fails_at_start_up_with_the_install_fix(monkeyp
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        config = compose(config_name="ppo_trainer",
-                         overrides=["algorithm.adv_estimator=anchor_coupled", "actor_rollout_ref.rollout.n=2"])
+        config = compose(
+            config_name="ppo_trainer",
+            overrides=["algorithm.adv_estimator=anchor_coupled", "actor_rollout_ref.rollout.n=2"],
+        )
     monkeypatch.setitem(sys.modules, "transfer_queue", None)  # what an install without verl[verl-core] finds
     fix = r"needs TransferQueue, and it is not installed: pip install 'verl\[verl-core\]'"
     with pytest.raises(ImportError, match=fix):

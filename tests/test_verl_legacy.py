@@ -31,8 +31,15 @@ P, R = 3, 6  # prompt and response widths (left- and right-padded)
 def compose_verl(overrides):
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        return compose(config_name="ppo_trainer", overrides=[
-            "actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.n=2", "trainer.use_v1=false", *overrides])
+        return compose(
+            config_name="ppo_trainer",
+            overrides=[
+                "actor_rollout_ref.rollout.name=hf",
+                "actor_rollout_ref.rollout.n=2",
+                "trainer.use_v1=false",
+                *overrides,
+            ],
+        )
 
 
 def padded_batch(with_statistics=True):
@@ -45,8 +52,8 @@ def padded_batch(with_statistics=True):
     responses = torch.zeros(rows, R, dtype=torch.long)
     rewards = torch.zeros(rows, R)
     for i, (prompt, n) in enumerate(zip(PROMPTS, LENGTHS)):
-        prompts[i, P - len(prompt):] = torch.tensor(prompt)
-        attention[i, P - len(prompt):P + n] = 1
+        prompts[i, P - len(prompt) :] = torch.tensor(prompt)
+        attention[i, P - len(prompt) : P + n] = 1
         responses[i, :n] = torch.randint(10, 20, (n,), generator=gen)
         rewards[i, n - 1] = SCORES[i]
     response_mask = attention[:, P:].float()
@@ -55,9 +62,16 @@ def padded_batch(with_statistics=True):
     fai[:, -1] = math.nan
     waad[response_mask == 0] = math.nan
     fai[response_mask == 0] = math.nan
-    tensors = {"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-               "attention_mask": attention, "response_mask": response_mask, "token_level_rewards": rewards, "token_level_scores": rewards,
-               "values": torch.rand(rows, R, generator=gen)}
+    tensors = {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": torch.cat([prompts, responses], 1),
+        "attention_mask": attention,
+        "response_mask": response_mask,
+        "token_level_rewards": rewards,
+        "token_level_scores": rewards,
+        "values": torch.rand(rows, R, generator=gen),
+    }
     if with_statistics:
         tensors.update(anchor_waad=waad, anchor_fai=fai, anchor_seq=torch.tensor([[1.0, 9.0, 0.5]] * rows))
     return DataProto.from_dict(tensors=tensors, non_tensors={"uid": np.array(UIDS, dtype=object)})
@@ -83,17 +97,28 @@ def advantage_step(overrides, batch=None, global_steps=1):
     trainer = BareTrainer(config, global_steps)
     batch = padded_batch() if batch is None else batch
     return trainer, ray_trainer.compute_advantage(
-        batch, adv_estimator=config.algorithm.adv_estimator, gamma=config.algorithm.gamma, lam=config.algorithm.lam,
-        num_repeat=2, norm_adv_by_std_in_grpo=True, config=config.algorithm)
+        batch,
+        adv_estimator=config.algorithm.adv_estimator,
+        gamma=config.algorithm.gamma,
+        lam=config.algorithm.lam,
+        num_repeat=2,
+        norm_adv_by_std_in_grpo=True,
+        config=config.algorithm,
+    )
 
 
 @pytest.mark.parametrize("base", ["grpo", "rloo", "reinforce_plus_plus", "gae"])
 def test_with_unit_gamma_advantages_are_bitwise_verls_base(base):
     critic = ["critic.enable=true"] if base == "gae" else []
     _, plain = advantage_step([f"algorithm.adv_estimator={base}", *critic])
-    trainer, anchored = advantage_step(["algorithm.adv_estimator=anchor_coupled",
-                                        f"+algorithm.anchor.base_estimator={base}", "+algorithm.anchor.gamma_amp=1.0",
-                                        *critic])
+    trainer, anchored = advantage_step(
+        [
+            "algorithm.adv_estimator=anchor_coupled",
+            f"+algorithm.anchor.base_estimator={base}",
+            "+algorithm.anchor.gamma_amp=1.0",
+            *critic,
+        ]
+    )
     assert trainer.anchor.base_estimator == base
     assert plain.batch["advantages"].abs().sum() > 0
     assert torch.equal(anchored.batch["advantages"], plain.batch["advantages"])
@@ -109,13 +134,16 @@ def test_gamma_scales_the_actors_advantages_and_not_the_critics_returns(base):
     critic = ["critic.enable=true"] if base == "gae" else []
     statistics = padded_batch()
     _, plain = advantage_step([f"algorithm.adv_estimator={base}", *critic])
-    trainer, anchored = advantage_step(["algorithm.adv_estimator=anchor_coupled",
-                                        f"+algorithm.anchor.base_estimator={base}", *critic])
+    trainer, anchored = advantage_step(
+        ["algorithm.adv_estimator=anchor_coupled", f"+algorithm.anchor.base_estimator={base}", *critic]
+    )
     for i, n in enumerate(LENGTHS):
-        gamma = token_weights(statistics.batch["anchor_waad"][i, :n], statistics.batch["anchor_fai"][i, :n],
-                              trainer.anchor.cfg)
-        torch.testing.assert_close(anchored.batch["advantages"][i, :n], plain.batch["advantages"][i, :n] * gamma,
-                                   rtol=0, atol=0)
+        gamma = token_weights(
+            statistics.batch["anchor_waad"][i, :n], statistics.batch["anchor_fai"][i, :n], trainer.anchor.cfg
+        )
+        torch.testing.assert_close(
+            anchored.batch["advantages"][i, :n], plain.batch["advantages"][i, :n] * gamma, rtol=0, atol=0
+        )
         assert torch.equal(anchored.batch["advantages"][i, n:], plain.batch["advantages"][i, n:])
     assert torch.equal(anchored.batch["returns"], plain.batch["returns"])
     assert 0 < anchored.meta_info[legacy.METRICS_KEY]["anchor/selected_frac"] < 1
@@ -127,8 +155,10 @@ def test_the_metrics_reach_every_trainers_metrics_call_once():
     _, anchored = advantage_step(["algorithm.adv_estimator=anchor_coupled"])
     again = copy.deepcopy(anchored)
     # fit calls ray_trainer's name; verl-recipe's DAPO imports it from metric_utils.
-    for compute_data_metrics, batch in ((ray_trainer.compute_data_metrics, anchored),
-                                        (metric_utils.compute_data_metrics, again)):
+    for compute_data_metrics, batch in (
+        (ray_trainer.compute_data_metrics, anchored),
+        (metric_utils.compute_data_metrics, again),
+    ):
         metrics = compute_data_metrics(batch=batch, use_critic=False)
         assert 0 < metrics["anchor/selected_frac"] < 1 and metrics["anchor/span_global"] == 9.0
         assert "critic/advantages/max" in metrics  # verl's own metrics are all still there
@@ -145,7 +175,9 @@ def test_an_anchor_estimator_outside_an_anchor_trainer_is_refused():
 
 @pytest.mark.parametrize("estimator, column", [("anchor_coupled", "anchor_waad"), ("anchor_entropy", "anchor_entropy")])
 def test_a_trainer_that_bypassed_the_old_log_prob_step_is_refused(estimator, column):
-    with pytest.raises(RuntimeError, match=f"the batch has no {column}; .* bypasses RayPPOTrainer._compute_old_log_prob"):
+    with pytest.raises(
+        RuntimeError, match=f"the batch has no {column}; .* bypasses RayPPOTrainer._compute_old_log_prob"
+    ):
         advantage_step([f"algorithm.adv_estimator={estimator}"], batch=padded_batch(with_statistics=False))
 
 
@@ -160,7 +192,8 @@ def test_random_draws_follow_each_responses_tokens_not_its_row():
 
 
 class FakeActorGroup:
-    """The worker group's compute_log_prob as verl binds it (an instance attribute), answering like the anchor worker."""
+    """The worker group's compute_log_prob as verl binds it (an instance attribute), answering like the anchor
+    worker."""
 
     def __init__(self):
         self.received, self.prepared = [], []
@@ -174,16 +207,24 @@ class FakeActorGroup:
         from verl.utils import tensordict_utils as tu
 
         self.received.append(tu.get_non_tensor_data(data, ANCHOR_OPTIONS_KEY, default=None))
-        lengths = data["attention_mask"][:, -data["response_mask"].shape[1]:].sum(-1).tolist()
+        lengths = data["attention_mask"][:, -data["response_mask"].shape[1] :].sum(-1).tolist()
         sequences = data["input_ids"].offsets().diff().tolist()
 
         def nested(sizes, value):
-            return torch.nested.as_nested_tensor([torch.full((n,), value + i) for i, n in enumerate(sizes)],
-                                                 layout=torch.jagged)
+            return torch.nested.as_nested_tensor(
+                [torch.full((n,), value + i) for i, n in enumerate(sizes)], layout=torch.jagged
+            )
 
-        output = TensorDict({"log_probs": nested(sequences, -1.0), "entropy": nested(sequences, 0.5),
-                             "anchor_waad": nested(lengths, 10.0), "anchor_fai": nested(lengths, 0.0),
-                             "anchor_seq": nested([3] * len(lengths), 1.0)}, batch_size=[len(lengths)])
+        output = TensorDict(
+            {
+                "log_probs": nested(sequences, -1.0),
+                "entropy": nested(sequences, 0.5),
+                "anchor_waad": nested(lengths, 10.0),
+                "anchor_fai": nested(lengths, 0.0),
+                "anchor_seq": nested([3] * len(lengths), 1.0),
+            },
+            batch_size=[len(lengths)],
+        )
         tu.assign_non_tensor(output, metrics={"mfu": 0.0})
         return output
 
@@ -225,10 +266,13 @@ def test_init_workers_gives_the_actor_role_the_anchor_worker_before_verl_builds_
     for estimator in ("anchor_random", "grpo"):
         trainer = object.__new__(BareTrainer)
         trainer.config = compose_verl([f"algorithm.adv_estimator={estimator}"])
-        trainer.role_worker_mapping = {Role.ActorRollout: ray.remote(ActorRolloutRefWorker),
-                                       Role.Critic: ray.remote(TrainingWorker)}
-        legacy._with_anchor_workers(lambda self: (built.update({estimator: dict(self.role_worker_mapping)}),
-                                                  build_workers(self)))(trainer)
+        trainer.role_worker_mapping = {
+            Role.ActorRollout: ray.remote(ActorRolloutRefWorker),
+            Role.Critic: ray.remote(TrainingWorker),
+        }
+        legacy._with_anchor_workers(
+            lambda self: (built.update({estimator: dict(self.role_worker_mapping)}), build_workers(self))  # noqa: B023
+        )(trainer)
     actor = built["anchor_random"][Role.ActorRollout].__ray_metadata__.modified_class
     assert issubclass(actor, AnchorActorRolloutRefWorker)
     assert built["anchor_random"][Role.Critic].__ray_metadata__.modified_class.__bases__[0] is TrainingWorker
@@ -237,10 +281,12 @@ def test_init_workers_gives_the_actor_role_the_anchor_worker_before_verl_builds_
 
 def test_recipes_that_import_metrics_before_the_trainer_get_the_patched_functions():
     """verl-recipe's DAPO: `from metric_utils import compute_data_metrics`, then `from ray_trainer import ...`."""
-    probe = ("from verl.trainer.ppo.metric_utils import compute_data_metrics\n"
-             "from verl.trainer.ppo.ray_trainer import RayPPOTrainer, compute_advantage\n"
-             "print(all(getattr(f, '_verl_anchor', False) for f in (compute_data_metrics, compute_advantage, "
-             "RayPPOTrainer.init_workers, RayPPOTrainer._compute_old_log_prob)))\n")
+    probe = (
+        "from verl.trainer.ppo.metric_utils import compute_data_metrics\n"
+        "from verl.trainer.ppo.ray_trainer import RayPPOTrainer, compute_advantage\n"
+        "print(all(getattr(f, '_verl_anchor', False) for f in (compute_data_metrics, compute_advantage, "
+        "RayPPOTrainer.init_workers, RayPPOTrainer._compute_old_log_prob)))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "True"
@@ -268,14 +314,23 @@ def test_a_gae_base_on_a_trainer_built_without_a_critic_is_refused_before_its_wo
     assert not hasattr(trainer, "actor_rollout_wg")
 
 
-@pytest.mark.parametrize("use_v1, base, refused", [
-    ("false", "gdpo", None), ("false", "optimal_token_baseline", None),
-    ("false", "remax", "RayPPOTrainer.fit generates the greedy reward_baselines"),
-    ("true", "gdpo", "v1 trainer does not give it the raw batch"),
-])
+@pytest.mark.parametrize(
+    "use_v1, base, refused",
+    [
+        ("false", "gdpo", None),
+        ("false", "optimal_token_baseline", None),
+        ("false", "remax", "RayPPOTrainer.fit generates the greedy reward_baselines"),
+        ("true", "gdpo", "v1 trainer does not give it the raw batch"),
+    ],
+)
 def test_bases_are_refused_by_what_the_trainer_in_use_cannot_run(use_v1, base, refused):
-    config = compose_verl(["algorithm.adv_estimator=anchor_coupled", f"+algorithm.anchor.base_estimator={base}",
-                           f"trainer.use_v1={use_v1}"])
+    config = compose_verl(
+        [
+            "algorithm.adv_estimator=anchor_coupled",
+            f"+algorithm.anchor.base_estimator={base}",
+            f"trainer.use_v1={use_v1}",
+        ]
+    )
     if refused is None:
         assert read_settings(config).base_estimator == base
     else:

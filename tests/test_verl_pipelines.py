@@ -18,8 +18,8 @@ from verl_anchor.capture import AttentionCapture
 from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
 from verl_anchor.credit import token_weights
 from verl_anchor.demo import demo_overrides
-from verl_anchor.tiny import ensure_tiny_model
 from verl_anchor.metrics import response_signals
+from verl_anchor.tiny import ensure_tiny_model
 
 _REWARD = """
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
@@ -30,8 +30,13 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 def run_demo(tmp_path, extra, steps=2):
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "reward.py").write_text(_REWARD)
-    overrides = demo_overrides(tmp_path, steps=steps, estimator="anchor_coupled", model=ensure_tiny_model(tmp_path / "cache"), user_overrides=[
-        f"reward.custom_reward_function.path={tmp_path / 'reward.py'}", *extra])
+    overrides = demo_overrides(
+        tmp_path,
+        steps=steps,
+        estimator="anchor_coupled",
+        model=ensure_tiny_model(tmp_path / "cache"),
+        user_overrides=[f"reward.custom_reward_function.path={tmp_path / 'reward.py'}", *extra],
+    )
     log_path = tmp_path / "main_ppo.log"
     rc = run_main_ppo(overrides, tmp_path, log_path, timeout=1200)
     log = log_path.read_text(errors="replace")
@@ -72,11 +77,17 @@ def test_two_ranks_dynamic_batches_give_each_response_its_single_rank_gamma(tmp_
     dump = tmp_path / "dump"
     # 3 prompts x 2 responses = 6 sequences; mini-batches of 2 prompts = 4 sequences (2 per rank):
     # verl pads the batch to 8 with padding samples.
-    run_demo(tmp_path, [
-        "trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.use_dynamic_bsz=true",
-        "data.train_batch_size=3", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-        f"+algorithm.anchor.dump_dir={dump}",
-    ], steps=1)
+    run_demo(
+        tmp_path,
+        [
+            "trainer.n_gpus_per_node=2",
+            "actor_rollout_ref.actor.use_dynamic_bsz=true",
+            "data.train_batch_size=3",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+            f"+algorithm.anchor.dump_dir={dump}",
+        ],
+        steps=1,
+    )
     record = torch.load(dump / "step000001_000.pt")
     assert not all(record["real"])  # padding samples were added, and kept out of the weights
     assert_single_sequence_statistics(record, tmp_path / "cache", expected_responses=6)

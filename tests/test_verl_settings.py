@@ -14,8 +14,7 @@ def compose_verl(overrides, config_name="ppo_trainer", responses=2):
     """verl's own config as a launch script composes it; GRPO-style groups of `responses` unless overridden."""
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        return compose(config_name=config_name,
-                       overrides=[f"actor_rollout_ref.rollout.n={responses}", *overrides])
+        return compose(config_name=config_name, overrides=[f"actor_rollout_ref.rollout.n={responses}", *overrides])
 
 
 def test_defaults_resolve_to_the_spec_defaults():
@@ -25,11 +24,17 @@ def test_defaults_resolve_to_the_spec_defaults():
 
 
 def test_options_and_strategy_come_through():
-    settings = read_settings(compose_verl([
-        "algorithm.adv_estimator=anchor_global_anchor",
-        "+algorithm.anchor.ratio=0.2", "+algorithm.anchor.sign=positive", "+algorithm.anchor.layers=[3,5]",
-        "+algorithm.anchor.base_estimator=rloo",
-    ]))
+    settings = read_settings(
+        compose_verl(
+            [
+                "algorithm.adv_estimator=anchor_global_anchor",
+                "+algorithm.anchor.ratio=0.2",
+                "+algorithm.anchor.sign=positive",
+                "+algorithm.anchor.layers=[3,5]",
+                "+algorithm.anchor.base_estimator=rloo",
+            ]
+        )
+    )
     assert settings.cfg == AnchorConfig(strategy="global_anchor", ratio=0.2, sign="positive", layers=(3, 5))
     assert settings.base_estimator == "rloo"
 
@@ -65,45 +70,76 @@ def test_gae_base_turns_the_critic_on_unless_the_user_turned_it_off():
         prepare_config(compose_verl(BASE + ["+algorithm.anchor.base_estimator=gae", "critic.enable=false"]))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["algorithm.adv_estimator=anchor_copuled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
-    (["algorithm.adv_estimator=anchor_randon"], "did you mean algorithm.adv_estimator=anchor_random?"),
-    (["algorithm.adv_estimator=coupled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
-    (["algorithm.adv_estimator=anchor"], "the anchor estimators are anchor_local_chunk"),
-    (BASE + ["+algorithm.anchor.dump_dir=123"], "algorithm.anchor.dump_dir=123 is invalid"),
-    (BASE + ["+algorithm.anchor.dump_dir=/etc/passwd"], "algorithm.anchor.dump_dir='/etc/passwd' is invalid"),
-    (BASE + ["+algorithm.anchor.enable=false"], "algorithm.anchor.enable=False contradicts"),
-    (BASE + ["+algorithm.anchor.gamma_amp=1e39"], "algorithm.anchor.gamma_amp=1e+39 is invalid"),
-    (BASE + ["+algorithm.anchor.seed=18446744073709551616"], "algorithm.anchor.seed=18446744073709551616 is invalid"),
-    (BASE + ["+algorithm.anchor.base_estimator=remax"], "never computes the greedy reward_baselines"),
-    (BASE + ["+algorithm.anchor.base_estimator=gdpo"], "base_estimator=gdpo is not supported"),
-    (BASE + ["+algorithm.anchor.base_estimator=optimal_token_baseline"], "never computes sum_pi_squared"),
-    (BASE + ["+algorithm.anchor.base_estimator=tir_optimal_token_baseline"], "never computes sum_pi_squared"),
-    (BASE + ["+algorithm.anchor.ratio=2.0"], "algorithm.anchor.ratio=2.0 is invalid: use a finite number in (0, 1]"),
-    (BASE + ["+algorithm.anchor.strategy=coupled"], "algorithm.anchor.strategy='coupled' is not an option"),
-    (BASE + ["+algorithm.anchor.gama_amp=2"], "did you mean algorithm.anchor.gamma_amp"),
-    (BASE + ["+algorithm.anchor.base_estimator=nope"], "base_estimator=nope is not a registered verl estimator"),
-    (BASE + ["+algorithm.anchor.base_estimator=anchor_random"], "the base must be a plain verl estimator"),
-    (BASE + ["algorithm.rollout_correction.bypass_mode=true"], "set algorithm.rollout_correction.bypass_mode=false"),
-    (BASE + ["actor_rollout_ref.actor.strategy=megatron"], "actor_rollout_ref.actor.strategy=megatron is not supported"),
-    (BASE + ["+trainer.data_plane=neoproto"], "set trainer.data_plane=classic"),  # verl's neo branch
-    (BASE + ["actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
-             "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"],
-     "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 with actor_rollout_ref.model.override_config."
-     "attn_implementation=sdpa is not supported by anchor_coupled: verl's Ulysses all-to-all runs only inside flash "
-     "attention"),
-    (BASE + ["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=4",
-             "+actor_rollout_ref.model.override_config.attn_implementation=eager"],
-     "set actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.adv_estimator=anchor_copuled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
+        (["algorithm.adv_estimator=anchor_randon"], "did you mean algorithm.adv_estimator=anchor_random?"),
+        (["algorithm.adv_estimator=coupled"], "did you mean algorithm.adv_estimator=anchor_coupled?"),
+        (["algorithm.adv_estimator=anchor"], "the anchor estimators are anchor_local_chunk"),
+        (BASE + ["+algorithm.anchor.dump_dir=123"], "algorithm.anchor.dump_dir=123 is invalid"),
+        (BASE + ["+algorithm.anchor.dump_dir=/etc/passwd"], "algorithm.anchor.dump_dir='/etc/passwd' is invalid"),
+        (BASE + ["+algorithm.anchor.enable=false"], "algorithm.anchor.enable=False contradicts"),
+        (BASE + ["+algorithm.anchor.gamma_amp=1e39"], "algorithm.anchor.gamma_amp=1e+39 is invalid"),
+        (
+            BASE + ["+algorithm.anchor.seed=18446744073709551616"],
+            "algorithm.anchor.seed=18446744073709551616 is invalid",
+        ),
+        (BASE + ["+algorithm.anchor.base_estimator=remax"], "never computes the greedy reward_baselines"),
+        (BASE + ["+algorithm.anchor.base_estimator=gdpo"], "base_estimator=gdpo is not supported"),
+        (BASE + ["+algorithm.anchor.base_estimator=optimal_token_baseline"], "never computes sum_pi_squared"),
+        (BASE + ["+algorithm.anchor.base_estimator=tir_optimal_token_baseline"], "never computes sum_pi_squared"),
+        (
+            BASE + ["+algorithm.anchor.ratio=2.0"],
+            "algorithm.anchor.ratio=2.0 is invalid: use a finite number in (0, 1]",
+        ),
+        (BASE + ["+algorithm.anchor.strategy=coupled"], "algorithm.anchor.strategy='coupled' is not an option"),
+        (BASE + ["+algorithm.anchor.gama_amp=2"], "did you mean algorithm.anchor.gamma_amp"),
+        (BASE + ["+algorithm.anchor.base_estimator=nope"], "base_estimator=nope is not a registered verl estimator"),
+        (BASE + ["+algorithm.anchor.base_estimator=anchor_random"], "the base must be a plain verl estimator"),
+        (
+            BASE + ["algorithm.rollout_correction.bypass_mode=true"],
+            "set algorithm.rollout_correction.bypass_mode=false",
+        ),
+        (
+            BASE + ["actor_rollout_ref.actor.strategy=megatron"],
+            "actor_rollout_ref.actor.strategy=megatron is not supported",
+        ),
+        (BASE + ["+trainer.data_plane=neoproto"], "set trainer.data_plane=classic"),  # verl's neo branch
+        (
+            BASE
+            + [
+                "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+                "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+            ],
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 with actor_rollout_ref.model.override_config."
+            "attn_implementation=sdpa is not supported by anchor_coupled: verl's Ulysses all-to-all runs only "
+            "inside flash "
+            "attention",
+        ),
+        (
+            BASE
+            + [
+                "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=4",
+                "+actor_rollout_ref.model.override_config.attn_implementation=eager",
+            ],
+            "set actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=1",
+        ),
+    ],
+)
 def test_bad_configs_name_option_value_and_fix(overrides, message):
     with pytest.raises(ValueError) as err:
         read_settings(compose_verl(overrides))
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("key", ["actor_rollout_ref.actor.ulysses_sequence_parallel_size",
-                                 "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "actor_rollout_ref.actor.ulysses_sequence_parallel_size",
+        "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
+    ],
+)
 def test_ulysses_sequence_parallelism_with_flash_attention_is_accepted(key):
     """The capture reads verl's flash call after its all-to-all (test_capture_ulysses.py)."""
     assert read_settings(compose_verl(BASE + [f"{key}=2"])).cfg.strategy == "coupled"
@@ -112,10 +148,14 @@ def test_ulysses_sequence_parallelism_with_flash_attention_is_accepted(key):
 
 
 def test_megatron_is_fine_for_strategies_without_attention():
-    settings = read_settings(compose_verl([
-        "algorithm.adv_estimator=anchor_random",
-        "actor_rollout_ref.actor.strategy=megatron",
-    ]))
+    settings = read_settings(
+        compose_verl(
+            [
+                "algorithm.adv_estimator=anchor_random",
+                "actor_rollout_ref.actor.strategy=megatron",
+            ]
+        )
+    )
     assert settings.cfg.strategy == "random"
 
 
@@ -126,8 +166,9 @@ def test_validate_config_hook_runs_the_anchor_checks_first():
 
     assert getattr(verl_config.validate_config, "_verl_anchor", False)
     with pytest.raises(ValueError, match="did you mean algorithm.adv_estimator=anchor_coupled"):
-        verl_config.validate_config(compose_verl(["algorithm.adv_estimator=anchor_couple"]),
-                                    use_reference_policy=False, use_critic=False)
+        verl_config.validate_config(
+            compose_verl(["algorithm.adv_estimator=anchor_couple"]), use_reference_policy=False, use_critic=False
+        )
 
 
 def test_plain_names_that_verl_knows_are_not_typos():
@@ -139,8 +180,14 @@ def test_gae_base_starts_the_critic_from_the_actor_unless_a_critic_model_is_name
     config = compose_verl(BASE + ["+algorithm.anchor.base_estimator=gae", "actor_rollout_ref.model.path=/m/actor"])
     prepare_config(config)
     assert config.critic.model.path == "/m/actor"
-    config = compose_verl(BASE + ["+algorithm.anchor.base_estimator=gae", "actor_rollout_ref.model.path=/m/actor",
-                                  "critic.model.path=/m/critic"])
+    config = compose_verl(
+        BASE
+        + [
+            "+algorithm.anchor.base_estimator=gae",
+            "actor_rollout_ref.model.path=/m/actor",
+            "critic.model.path=/m/critic",
+        ]
+    )
     prepare_config(config)
     assert config.critic.model.path == "/m/critic"
 
@@ -158,11 +205,16 @@ def test_the_math_rewards_options_are_checked_in_the_driver(monkeypatch):
     import verl_anchor.verl_plugin  # noqa: F401
     from verl_anchor.rewards import math_verify_pool
 
-    reward = ["reward.custom_reward_function.path=pkg://verl_anchor.rewards",
-              "reward.custom_reward_function.name=compute_score"]
+    reward = [
+        "reward.custom_reward_function.path=pkg://verl_anchor.rewards",
+        "reward.custom_reward_function.name=compute_score",
+    ]
     with pytest.raises(ValueError, match=r"reward_kwargs.timeout_s must be a positive finite number"):
-        verl_config.validate_config(compose_verl(reward + ["+reward.custom_reward_function.reward_kwargs.timeout_s=-1"]),
-                                    use_reference_policy=False, use_critic=False)
+        verl_config.validate_config(
+            compose_verl(reward + ["+reward.custom_reward_function.reward_kwargs.timeout_s=-1"]),
+            use_reference_policy=False,
+            use_critic=False,
+        )
 
     config = compose_verl(reward)
 
@@ -223,8 +275,9 @@ def test_ppo_example_with_one_response_is_refused_naming_the_base_option():
 
 def test_an_explicit_base_always_wins():
     for base in ("rloo", "grpo", "reinforce_plus_plus"):
-        config = compose_verl(BASE + [f"+algorithm.anchor.base_estimator={base}", "critic.model.path=/m/critic"],
-                              responses=1)
+        config = compose_verl(
+            BASE + [f"+algorithm.anchor.base_estimator={base}", "critic.model.path=/m/critic"], responses=1
+        )
         assert read_settings(config).base_estimator == base
 
 
@@ -232,16 +285,27 @@ def test_the_chosen_base_and_why_are_logged_once(caplog):
     with caplog.at_level("WARNING", logger="verl_anchor.integration.settings"):
         read_settings(compose_verl(BASE, responses=4))
     lines = [r.getMessage() for r in caplog.records if "base estimator" in r.getMessage()]
-    assert lines == ["verl_anchor: anchor_coupled runs on the grpo base estimator (critic.enable is not true, rollout.n=4)"]
+    assert lines == [
+        "verl_anchor: anchor_coupled runs on the grpo base estimator (critic.enable is not true, rollout.n=4)"
+    ]
 
 
-@pytest.mark.parametrize("argv, base", [
-    # ppo_trainer/run_qwen3_8b_fsdp.sh "$@" with the switch appended: PPO with its critic, rollout.n=1.
-    (["algorithm.adv_estimator=gae", "critic.model.path=/m/critic", "algorithm.adv_estimator=anchor_coupled"], "gae"),
-    # the RLOO example: its groups stay RLOO's.
-    (["algorithm.adv_estimator=rloo", "+algorithm.adv_estimator=anchor_coupled"], "rloo"),
-    (["algorithm.adv_estimator='reinforce_plus_plus'", "algorithm.adv_estimator=anchor_coupled"], "reinforce_plus_plus"),
-])
+@pytest.mark.parametrize(
+    "argv, base",
+    [
+        # ppo_trainer/run_qwen3_8b_fsdp.sh "$@" with the switch appended: PPO with its critic, rollout.n=1.
+        (
+            ["algorithm.adv_estimator=gae", "critic.model.path=/m/critic", "algorithm.adv_estimator=anchor_coupled"],
+            "gae",
+        ),
+        # the RLOO example: its groups stay RLOO's.
+        (["algorithm.adv_estimator=rloo", "+algorithm.adv_estimator=anchor_coupled"], "rloo"),
+        (
+            ["algorithm.adv_estimator='reinforce_plus_plus'", "algorithm.adv_estimator=anchor_coupled"],
+            "reinforce_plus_plus",
+        ),
+    ],
+)
 def test_the_estimator_the_switch_replaced_on_the_command_line_is_the_base(monkeypatch, argv, base):
     from verl.trainer.ppo.utils import need_critic
 

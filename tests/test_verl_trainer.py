@@ -29,8 +29,10 @@ UIDS = ["p0", "p0", "p1", "p1"]
 def compose_verl(overrides):
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        return compose(config_name="ppo_trainer",
-                       overrides=["actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.n=2", *overrides])
+        return compose(
+            config_name="ppo_trainer",
+            overrides=["actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.n=2", *overrides],
+        )
 
 
 def nested(rows):
@@ -70,18 +72,29 @@ def fill(tq, with_values=False, padding=False, multi_output=False):
         waad = torch.rand(n, generator=gen) * 10
         fai = torch.rand(n, generator=gen)
         fai[-1:] = math.nan
-        tq.rows[key] = {"uid": uid, "response_mask": torch.ones(n), "rm_scores": rm,
-                        "prompts": torch.tensor([3.0, 4.0, 5.0 + UIDS.index(uid)]),
-                        "old_log_probs": -torch.rand(n, generator=gen), "entropy": torch.rand(n, generator=gen),
-                        "anchor_waad": waad, "anchor_fai": fai, "anchor_seq": torch.tensor([1.0, 9.0, 0.0])}
+        tq.rows[key] = {
+            "uid": uid,
+            "response_mask": torch.ones(n),
+            "rm_scores": rm,
+            "prompts": torch.tensor([3.0, 4.0, 5.0 + UIDS.index(uid)]),
+            "old_log_probs": -torch.rand(n, generator=gen),
+            "entropy": torch.rand(n, generator=gen),
+            "anchor_waad": waad,
+            "anchor_fai": fai,
+            "anchor_seq": torch.tensor([1.0, 9.0, 0.0]),
+        }
         if with_values:
             tq.rows[key]["values"] = torch.rand(n, generator=gen)
     tags = [{} for _ in keys]
     if padding:  # what verl's _balance_batch appends to reach a multiple of the ranks: 1 masked token
         keys.append("padxyz_0_0")
-        tq.rows[keys[-1]] = {**{name: value[:1] for name, value in tq.rows[keys[0]].items() if name != "uid"},
-                             "uid": "padxyz", "rm_scores": torch.zeros(1), "response_mask": torch.zeros(1),
-                             "anchor_seq": torch.tensor([1.0, 9.0, 0.0])}
+        tq.rows[keys[-1]] = {
+            **{name: value[:1] for name, value in tq.rows[keys[0]].items() if name != "uid"},
+            "uid": "padxyz",
+            "rm_scores": torch.zeros(1),
+            "response_mask": torch.zeros(1),
+            "anchor_seq": torch.tensor([1.0, 9.0, 0.0]),
+        }
         tags.append({"is_padding": True})
     tq.tags.update(zip(keys, tags))
     return KVBatchMeta(keys=keys, tags=tags, partition_id="train")
@@ -164,9 +177,17 @@ def test_with_unit_gamma_advantages_are_bitwise_verls_base(tq, mode, base):
     critic = ["critic.enable=true"] if base == "gae" else []
     plain, _, keys = advantage_step(tq, mode, [f"algorithm.adv_estimator={base}", *critic], with_values=True)
     tq.rows.clear()
-    anchored, metrics, _ = advantage_step(tq, mode, [
-        "algorithm.adv_estimator=anchor_coupled", f"+algorithm.anchor.base_estimator={base}",
-        "+algorithm.anchor.gamma_amp=1.0", *critic], with_values=True)
+    anchored, metrics, _ = advantage_step(
+        tq,
+        mode,
+        [
+            "algorithm.adv_estimator=anchor_coupled",
+            f"+algorithm.anchor.base_estimator={base}",
+            "+algorithm.anchor.gamma_amp=1.0",
+            *critic,
+        ],
+        with_values=True,
+    )
     assert any(plain[k]["advantages"].abs().sum() > 0 for k in keys)
     for key in keys:
         assert torch.equal(anchored[key]["advantages"], plain[key]["advantages"])
@@ -179,9 +200,12 @@ def test_gamma_scales_the_actors_advantages_and_not_the_critics_returns(tq, base
     critic = ["critic.enable=true"] if base == "gae" else []
     plain, _, keys = advantage_step(tq, "sync", [f"algorithm.adv_estimator={base}", *critic], with_values=True)
     tq.rows.clear()
-    anchored, metrics, _ = advantage_step(tq, "sync", [
-        "algorithm.adv_estimator=anchor_coupled", f"+algorithm.anchor.base_estimator={base}", *critic],
-        with_values=True)
+    anchored, metrics, _ = advantage_step(
+        tq,
+        "sync",
+        ["algorithm.adv_estimator=anchor_coupled", f"+algorithm.anchor.base_estimator={base}", *critic],
+        with_values=True,
+    )
     cfg = read_settings(compose_verl(["algorithm.adv_estimator=anchor_coupled"])).cfg
     for key in keys:
         row = tq.rows[key]
@@ -255,15 +279,23 @@ class StandInWorkerGroup:
         return batch
 
 
-@pytest.mark.parametrize("local_step, juggling", [
-    (0, [("save", 0)]),
-    (1, [("save", 1), ("restore", 0)]),
-])
+@pytest.mark.parametrize(
+    "local_step, juggling",
+    [
+        (0, [("save", 0)]),
+        (1, [("save", 1), ("restore", 0)]),
+    ],
+)
 def test_separate_async_computes_statistics_with_the_old_weights(tq, local_step, juggling):
     from verl.trainer.ppo.v1 import get_trainer_cls
 
-    config = compose_verl(["algorithm.adv_estimator=anchor_coupled", "trainer.v1.trainer_mode=separate_async",
-                           "actor_rollout_ref.rollout.calculate_log_probs=false"])
+    config = compose_verl(
+        [
+            "algorithm.adv_estimator=anchor_coupled",
+            "trainer.v1.trainer_mode=separate_async",
+            "actor_rollout_ref.rollout.calculate_log_probs=false",
+        ]
+    )
     trainer = bare_trainer(get_trainer_cls("separate_async"), config, local_trigger_step=local_step)
     trainer.actor_rollout_wg = StandInWorkerGroup(tq)
     batch = fill(tq)
@@ -272,12 +304,13 @@ def test_separate_async_computes_statistics_with_the_old_weights(tq, local_step,
     assert calls[: len(juggling)] == juggling
     assert calls[len(juggling)] == ("compute_log_prob", trainer.anchor.cfg.to_dict())  # stats asked for
     if local_step:
-        assert calls[len(juggling) + 1:] == [("restore", local_step), ("clear", local_step)]
+        assert calls[len(juggling) + 1 :] == [("restore", local_step), ("clear", local_step)]
     assert ANCHOR_OPTIONS_KEY not in batch.extra_info  # kept out of later RPCs
     assert tq.rows[batch.keys[0]]["old_log_probs"].shape == (LENGTHS[0],)
 
 
 def test_separate_async_picks_the_anchor_detach_worker():
+    import ray
     from verl.experimental.separation.engine_workers import DetachActorWorker
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
@@ -286,8 +319,6 @@ def test_separate_async_picks_the_anchor_detach_worker():
         AnchorDetachActorWorker,
         anchor_worker_cls,
     )
-
-    import ray
 
     # verl's role mapping holds ray.remote(...) actor classes, which are not classes themselves.
     assert anchor_worker_cls(ray.remote(DetachActorWorker)) is AnchorDetachActorWorker
@@ -318,8 +349,9 @@ def test_multi_output_sessions_keep_verls_grpo_broadcast(tq):
     # Two outputs in one session ({uid}_{session}_{i}): verl scores the last and broadcasts it.
     plain, _, keys = advantage_step(tq, "sync", ["algorithm.adv_estimator=grpo"], multi_output=True)
     tq.rows.clear()
-    anchored, _, _ = advantage_step(tq, "sync", ["algorithm.adv_estimator=anchor_coupled",
-                                                 "+algorithm.anchor.gamma_amp=1.0"], multi_output=True)
+    anchored, _, _ = advantage_step(
+        tq, "sync", ["algorithm.adv_estimator=anchor_coupled", "+algorithm.anchor.gamma_amp=1.0"], multi_output=True
+    )
     assert any(k.endswith("_1") for k in keys)
     for key in keys:
         assert torch.equal(anchored[key]["advantages"], plain[key]["advantages"])
@@ -353,8 +385,10 @@ class StandInPoolTrainer:
         import ray
         from verl.trainer.ppo.utils import Role
 
-        self.role_worker_mapping = {Role.ActorRollout: ray.remote(self.worker_cls),
-                                    Role.RefPolicy: ray.remote(self.worker_cls)}
+        self.role_worker_mapping = {
+            Role.ActorRollout: ray.remote(self.worker_cls),
+            Role.RefPolicy: ray.remote(self.worker_cls),
+        }
 
 
 def test_the_actor_role_gets_the_anchor_variant_of_whatever_worker_was_mapped():
@@ -366,7 +400,10 @@ def test_the_actor_role_gets_the_anchor_variant_of_whatever_worker_was_mapped():
     class RecipeWorker(ActorRolloutRefWorker):
         pass
 
-    for worker_cls, expected_base in ((ActorRolloutRefWorker, AnchorActorRolloutRefWorker), (RecipeWorker, RecipeWorker)):
+    for worker_cls, expected_base in (
+        (ActorRolloutRefWorker, AnchorActorRolloutRefWorker),
+        (RecipeWorker, RecipeWorker),
+    ):
         cls = anchor_trainer.anchor_trainer_cls(StandInPoolTrainer)
         trainer = object.__new__(cls)
         trainer.__init__(worker_cls)

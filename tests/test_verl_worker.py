@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from tensordict import TensorDict
+from test_capture_engine import HostReads
 from transformers import AutoModelForCausalLM
 
 from verl_anchor import AnchorConfig
@@ -14,8 +15,6 @@ from verl_anchor.integration.worker import anchor_outputs
 from verl_anchor.metrics import group_signals
 from verl_anchor.tiny import tiny_config
 
-from test_capture_engine import HostReads
-
 PROMPTS = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
 RESPONSES = [list(range(20, 45)), [50], list(range(60, 78))]
 CFG = AnchorConfig(layers=[1, 2], fai_h_lo=2, fai_h_hi=8, window=4)
@@ -23,18 +22,24 @@ CFG = AnchorConfig(layers=[1, 2], fai_h_lo=2, fai_h_hi=8, window=4)
 
 def micro_batch(prompts=PROMPTS, responses=RESPONSES):
     seqs = [p + r for p, r in zip(prompts, responses)]
-    data = TensorDict({
-        "input_ids": torch.nested.as_nested_tensor([torch.tensor(s) for s in seqs], layout=torch.jagged),
-        "response_mask": torch.nested.as_nested_tensor([torch.ones(len(r)) for r in responses], layout=torch.jagged),
-    }, batch_size=[len(seqs)])
+    data = TensorDict(
+        {
+            "input_ids": torch.nested.as_nested_tensor([torch.tensor(s) for s in seqs], layout=torch.jagged),
+            "response_mask": torch.nested.as_nested_tensor(
+                [torch.ones(len(r)) for r in responses], layout=torch.jagged
+            ),
+        },
+        batch_size=[len(seqs)],
+    )
     return seqs, data
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(copy.deepcopy(tiny_config("qwen3", num_hidden_layers=4, vocab_size=128)),
-                                            attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_config(
+        copy.deepcopy(tiny_config("qwen3", num_hidden_layers=4, vocab_size=128)), attn_implementation="sdpa"
+    ).eval()
 
 
 def captured_forward(model, seqs, layout):
@@ -46,8 +51,12 @@ def captured_forward(model, seqs, layout):
             positions = sum((list(range(len(s))) for s in seqs), [])
             if layout == "packed, padded tail":  # padding after the last sequence forms trailing segments
                 ids, positions = ids + [0] * 5, positions + list(range(5))
-            model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), attention_mask=None,
-                  use_cache=False)
+            model(
+                input_ids=torch.tensor([ids]),
+                position_ids=torch.tensor([positions]),
+                attention_mask=None,
+                use_cache=False,
+            )
         else:  # use_remove_padding=False: right padding with a 2-D mask
             width = max(map(len, seqs))
             ids = torch.zeros(len(seqs), width, dtype=torch.long)

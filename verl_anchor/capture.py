@@ -101,8 +101,15 @@ from verl_anchor.integration.verl_api import ALL_ATTENTION_FUNCTIONS
 from verl_anchor.metrics import DEFAULT_CHUNK, TokenStats, attention_map, select_layers
 from verl_anchor.stats_engine import PackedTokenStats
 
-__all__ = ["AttentionCapture", "CaptureError", "attention_modules", "capturable_layers", "find_decoder",
-           "find_sequences", "sequence_segments"]
+__all__ = [
+    "AttentionCapture",
+    "CaptureError",
+    "attention_modules",
+    "capturable_layers",
+    "find_decoder",
+    "find_sequences",
+    "sequence_segments",
+]
 
 _MISSING = object()
 
@@ -123,18 +130,28 @@ class _Forward:
 class AttentionCapture:
     """Record per-token attention statistics of the selected layers during `model`'s forward passes."""
 
-    def __init__(self, model: torch.nn.Module, cfg: AnchorConfig, chunk_size: int | None = None,
-                 map_bins: int | None = None, *, max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: AnchorConfig,
+        chunk_size: int | None = None,
+        map_bins: int | None = None,
+        *,
+        max_length: int | None = None,
+    ) -> None:
         """`chunk_size`: queries per step where the statistics run in torch (CPU) and for the maps.
         `map_bins`: also pool each sequence's attention from position `map_from` on into at most
         `map_bins` x `map_bins` cells per head (`TokenStats.attention_map`, for figures; analysis only).
         `max_length`: the longest sequence the capture will see (prompt plus response); sliding windows and
         attention chunks shorter than it are refused here. None: they are checked against each forward's inputs.
         """
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                       or max_length < 1):
-            raise CaptureError(f"max_length={max_length!r} is invalid: give the longest sequence (prompt plus "
-                               "response, in tokens) as an integer >= 1, or None")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise CaptureError(
+                f"max_length={max_length!r} is invalid: give the longest sequence (prompt plus "
+                "response, in tokens) as an integer >= 1, or None"
+            )
         self.model = model
         self.cfg = cfg
         self.chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
@@ -145,16 +162,16 @@ class AttentionCapture:
         modules = attention_modules(model, self.decoder)
         self._modules = modules
         self._total_layers = num_layers(self.decoder.config, modules)
-        self.layers = (list(cfg.layers) if cfg.layers is not None
-                       else select_layers(self._total_layers, cfg.num_layers))
+        self.layers = list(cfg.layers) if cfg.layers is not None else select_layers(self._total_layers, cfg.num_layers)
         self.implementation = self._model_implementation()
         self._limits = self._check(self.implementation)
         # Where the statistics will run, decided now (start-up), not at the first forward.
         self.kernel_problem = statistics_device_problem(self.decoder, [modules[layer] for layer in self.layers])
         self._layer_of = {id(modules[layer]): layer for layer in self.layers}
         self._signature = inspect.signature(self.decoder.forward)
-        self._var_keyword = next((p.name for p in self._signature.parameters.values()
-                                  if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        self._var_keyword = next(
+            (p.name for p in self._signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
         self._forward: _Forward | None = None
         self._finished: list[tuple[PackedTokenStats, list[torch.Tensor] | None]] = []  # (stats, maps) per forward
         self._handles: list[Any] = []
@@ -175,7 +192,7 @@ class AttentionCapture:
         return limits
 
     # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "AttentionCapture":
+    def __enter__(self) -> AttentionCapture:
         implementation = self._model_implementation()
         if implementation != self.implementation and not any(active is self for active in _REGISTRY.active):
             # set_attn_implementation since the capture was built: follow it (checked again, as when built)
@@ -233,19 +250,25 @@ class AttentionCapture:
         try:
             call = self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError as err:
-            raise CaptureError(f"{type(module).__name__}.forward was called with arguments its signature "
-                               f"does not take ({err})") from err
+            raise CaptureError(
+                f"{type(module).__name__}.forward was called with arguments its signature does not take ({err})"
+            ) from err
         call.update(call.pop(self._var_keyword, None) or {})  # e.g. use_cache passed through **kwargs
         tokens = call.get("input_ids")
         if tokens is None:
             tokens = call.get("inputs_embeds")
         if tokens is None:
-            raise CaptureError(f"the capture needs `input_ids` or `inputs_embeds` in the call of "
-                               f"{type(module).__name__}")
+            raise CaptureError(
+                f"the capture needs `input_ids` or `inputs_embeds` in the call of {type(module).__name__}"
+            )
         group = capture_ulysses.sequence_parallel_group()
         if group is not None:
-            self._forward = _Forward(None, capture_ulysses.begin(group, self.implementation, call, tokens,
-                                                                 self.map_bins is not None, _observe_gathered))
+            self._forward = _Forward(
+                None,
+                capture_ulysses.begin(
+                    group, self.implementation, call, tokens, self.map_bins is not None, _observe_gathered
+                ),
+            )
             return
         # transformers treats restarting position_ids as packed sequences only without a KV cache,
         # which the decoder creates whenever use_cache resolves to True.
@@ -257,8 +280,14 @@ class AttentionCapture:
         # Flash attention reads position_ids whatever the cache (capture_layout.find_sequences, flash=True).
         flash = "flash" in self.implementation
         packed = flash or (call.get("past_key_values") is None and not use_cache)
-        layout = find_sequences(tokens.shape[0], tokens.shape[1], call.get("attention_mask"),
-                                call.get("position_ids") if packed else None, tokens.device, flash)
+        layout = find_sequences(
+            tokens.shape[0],
+            tokens.shape[1],
+            call.get("attention_mask"),
+            call.get("position_ids") if packed else None,
+            tokens.device,
+            flash,
+        )
         self._forward = _Forward(layout)
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -267,8 +296,10 @@ class AttentionCapture:
             return
         absent = [layer for layer in self.layers if layer not in forward.stats]
         if absent:
-            raise CaptureError(f"layers {absent} were not run through the attention function during the forward; "
-                               f"{type(module).__name__} does not use transformers' attention functions there")
+            raise CaptureError(
+                f"layers {absent} were not run through the attention function during the forward; "
+                f"{type(module).__name__} does not use transformers' attention functions there"
+            )
         if forward.mask_checks:  # one read for the checks of all layers
             checks = list(forward.mask_checks.values())
             for (layer, _, _), ok in zip(checks, torch.stack([agree for _, _, agree in checks]).tolist()):
@@ -280,8 +311,9 @@ class AttentionCapture:
             maps = [torch.cat(per_layer) for per_layer in zip(*(forward.maps[layer] for layer in self.layers))]
         self._finished.append((stats, maps))
 
-    def _observe(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any,
-                 kwargs: dict) -> None:
+    def _observe(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, kwargs: dict
+    ) -> None:
         """Called by the dispatcher for every attention call while this capture is active."""
         layer = self._layer_of.get(id(module))
         forward = self._forward
@@ -311,8 +343,17 @@ class AttentionCapture:
         query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, L, D), as the attention function's
         self._record(layer, query, key, mask, kwargs, forward, offset, num_heads)
 
-    def _record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any, kwargs: dict,
-                forward: _Forward, head_offset: int = 0, num_heads_total: int | None = None) -> None:
+    def _record(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: Any,
+        kwargs: dict,
+        forward: _Forward,
+        head_offset: int = 0,
+        num_heads_total: int | None = None,
+    ) -> None:
         if layer in forward.stats:
             raise CaptureError(
                 f"layer {layer} ran twice in one forward (gradient checkpointing recompute?); "
@@ -321,8 +362,10 @@ class AttentionCapture:
         if query.shape[2] != key.shape[2]:
             raise CaptureError("the capture needs a full forward without a KV cache (query and key lengths differ)")
         if kwargs.get("softcap") is not None:
-            raise CaptureError(f"layer {layer} soft-caps its attention logits (softcap={kwargs['softcap']}), "
-                               "which the statistics do not model")
+            raise CaptureError(
+                f"layer {layer} soft-caps its attention logits (softcap={kwargs['softcap']}), "
+                "which the statistics do not model"
+            )
         if kwargs.get("s_aux") is not None:
             raise CaptureError(f"layer {layer} has attention sinks (s_aux), which the statistics do not model")
         self._check_extent(layer, kwargs.get("sliding_window"), forward.layout)
@@ -333,13 +376,26 @@ class AttentionCapture:
             layout = forward.layout
             q, k = layout.pack(query), layout.pack(key)
             forward.stats[layer] = stats_engine.packed_token_stats(
-                q, k, layout.sequences, self.cfg, scale=scale, head_offset=head_offset,
-                num_heads_total=num_heads_total, chunk_size=self.chunk_size)
+                q,
+                k,
+                layout.sequences,
+                self.cfg,
+                scale=scale,
+                head_offset=head_offset,
+                num_heads_total=num_heads_total,
+                chunk_size=self.chunk_size,
+            )
             if self.map_bins is not None:  # analysis only: a loop over the sequences
                 bounds = layout.sequences.bounds
                 forward.maps[layer] = [
-                    attention_map(q[:, a:b], k[:, a:b], min(self.map_from, b - a), self.map_bins, scale=scale,
-                                  chunk_size=self.chunk_size)
+                    attention_map(
+                        q[:, a:b],
+                        k[:, a:b],
+                        min(self.map_from, b - a),
+                        self.map_bins,
+                        scale=scale,
+                        chunk_size=self.chunk_size,
+                    )
                     for a, b in zip(bounds[:-1], bounds[1:])
                 ]
         self.seconds += time.perf_counter() - start
@@ -405,8 +461,10 @@ class _Registry:
     def enter(self, capture: AttentionCapture) -> None:
         with self._lock:
             if any(active is capture for active in self.active):
-                raise CaptureError("this AttentionCapture is already active: enter it once at a time "
-                                   "(build a second capture to capture the same model twice)")
+                raise CaptureError(
+                    "this AttentionCapture is already active: enter it once at a time "
+                    "(build a second capture to capture the same model twice)"
+                )
             thread = threading.get_ident()
             if any(active.decoder is capture.decoder and active._thread != thread for active in self.active):
                 raise CaptureError(

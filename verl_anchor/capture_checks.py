@@ -21,7 +21,6 @@ import torch
 from transformers import PreTrainedModel
 
 from verl_anchor import stats_engine
-from verl_anchor.integration import verl_api
 from verl_anchor.integration.verl_api import ALL_ATTENTION_FUNCTIONS
 
 # Layer kinds of `config.layer_types` that are softmax attention over q.k (Jamba says "attention").
@@ -74,8 +73,7 @@ def capturable_layers(model: torch.nn.Module, max_length: int | None = None) -> 
     modules = attention_modules(model, decoder)
     implementation = getattr(decoder.config, "_attn_implementation", None) or "eager"
     check_model(decoder.config, implementation)
-    _, limits = layer_problems(decoder.config, modules, num_layers(decoder.config, modules), max_length,
-                               implementation)
+    _, limits = layer_problems(decoder.config, modules, num_layers(decoder.config, modules), max_length, implementation)
     return sorted(limits)
 
 
@@ -105,8 +103,10 @@ def check_model(config: Any, implementation: str) -> None:
             "without soft-capping"
         )
     if implementation != "eager" and implementation not in ALL_ATTENTION_FUNCTIONS:
-        raise CaptureError(f"attn_implementation={implementation!r} is not registered in transformers' "
-                           "AttentionInterface; use eager, sdpa or flash_attention_2")
+        raise CaptureError(
+            f"attn_implementation={implementation!r} is not registered in transformers' "
+            "AttentionInterface; use eager, sdpa or flash_attention_2"
+        )
 
 
 def layer_problems(
@@ -124,17 +124,23 @@ def layer_problems(
             continue
         forward = inspect.unwrap(type(module).forward)
         if "ALL_ATTENTION_FUNCTIONS" not in getattr(getattr(forward, "__code__", None), "co_names", ()):
-            problems[layer] = (f"{type(module).__name__} does not go through transformers' attention functions "
-                               "(its own attention code: linear or lightning attention, differential attention, "
-                               "ALiBi, or an older modeling file)")
+            problems[layer] = (
+                f"{type(module).__name__} does not go through transformers' attention functions "
+                "(its own attention code: linear or lightning attention, differential attention, "
+                "ALiBi, or an older modeling file)"
+            )
         elif kind is not None and kind not in _ATTENTION_KINDS:
             problems[layer] = f"a {kind} layer, not softmax attention"
         elif implementation == "eager" and eager_default(type(module)) is None:
-            problems[layer] = (f"{type(module).__name__} has no eager_attention_forward to fall back to; load the "
-                               "model with attn_implementation='sdpa'")
+            problems[layer] = (
+                f"{type(module).__name__} has no eager_attention_forward to fall back to; load the "
+                "model with attn_implementation='sdpa'"
+            )
         elif isinstance(getattr(module, "sinks", None), torch.Tensor):
-            problems[layer] = (f"attention sinks ({type(module).__name__}.sinks): part of each row's attention "
-                               "goes to a learned sink, so rows do not sum to 1")
+            problems[layer] = (
+                f"attention sinks ({type(module).__name__}.sinks): part of each row's attention "
+                "goes to a learned sink, so rows do not sum to 1"
+            )
         else:
             kind_name, size = _extent_limit(config, module, kind)
             if max_length is not None and size is not None and size < max_length:
@@ -174,16 +180,19 @@ def statistics_device_problem(decoder: torch.nn.Module, modules: list[torch.nn.M
     return next((problem for problem in problems if problem), None)
 
 
-def layers_message(selected: list[int], bad: list[int], problems: dict[int, str], num_layers: int,
-                   wanted: int) -> str:
+def layers_message(selected: list[int], bad: list[int], problems: dict[int, str], num_layers: int, wanted: int) -> str:
     """Why the selected layers `bad` cannot be captured, and which layers could be."""
     available = [layer for layer in range(num_layers) if layer not in problems]
     out_of_range = f"out of range, the model has layers 0..{num_layers - 1}"
     reasons = "; ".join(f"layer {layer}: {problems.get(layer, out_of_range)}" for layer in bad)
     if not available:
-        return (f"layers={selected} cannot be captured ({reasons}), and no layer of this model can; use a model "
-                "from the table in docs/models.md")
+        return (
+            f"layers={selected} cannot be captured ({reasons}), and no layer of this model can; use a model "
+            "from the table in docs/models.md"
+        )
     middle = [layer for layer in available if num_layers // 3 <= layer <= (2 * num_layers) // 3] or available
     step = max(1, len(middle) // wanted)
-    return (f"layers={selected} cannot be captured ({reasons}). The layers the capture can read are {available}; "
-            f"set {LAYERS_OPTION} to some of them, e.g. {middle[::step][:wanted]} (middle third)")
+    return (
+        f"layers={selected} cannot be captured ({reasons}). The layers the capture can read are {available}; "
+        f"set {LAYERS_OPTION} to some of them, e.g. {middle[::step][:wanted]} (middle third)"
+    )

@@ -149,8 +149,10 @@ def find_sequences(
             return SequenceLayout(batch, length, PackedSequences.built_valid(cu_seqlens, tokens[0].numel()), tokens)
     if position_ids is not None:
         if position_ids.dim() != 2:
-            raise CaptureError(f"the capture needs 2-D position_ids, got shape {tuple(position_ids.shape)} "
-                               "(3-D mRoPE position ids are not supported)")
+            raise CaptureError(
+                f"the capture needs 2-D position_ids, got shape {tuple(position_ids.shape)} "
+                "(3-D mRoPE position ids are not supported)"
+            )
         positions = position_ids.to(device).expand(batch, -1)
         starts = torch.ones(batch, length, dtype=torch.bool, device=device)  # each row starts a sequence
         starts[:, 1:] = positions.diff(dim=1) != 1
@@ -167,16 +169,22 @@ def find_sequences(
 def _check_flash_packing(batch: int, positions: torch.Tensor, first: torch.Tensor) -> None:
     """Refuse packed position_ids that transformers' flash path does not split where the capture does: it treats
     restarting positions as packed sequences only in a batch of one row, and cuts that row only where they are 0."""
-    fix = ("pack the sequences into one row (batch size 1, as verl's use_remove_padding=True does) with position_ids "
-           "restarting at 0 for each, give padded rows with a 2-D attention_mask, or use attn_implementation='sdpa'")
+    fix = (
+        "pack the sequences into one row (batch size 1, as verl's use_remove_padding=True does) with position_ids "
+        "restarting at 0 for each, give padded rows with a 2-D attention_mask, or use attn_implementation='sdpa'"
+    )
     if batch > 1:
-        raise CaptureError(f"position_ids restart inside rows of a batch of {batch} rows: flash attention treats each "
-                           f"row of a batch of several rows as one sequence (it splits packed sequences only in a "
-                           f"batch of one row), while the positions say the rows hold several; {fix}")
+        raise CaptureError(
+            f"position_ids restart inside rows of a batch of {batch} rows: flash attention treats each "
+            f"row of a batch of several rows as one sequence (it splits packed sequences only in a "
+            f"batch of one row), while the positions say the rows hold several; {fix}"
+        )
     if (positions.flatten()[first] != 0).any():  # one more device read, only for a packed row
-        raise CaptureError("a packed row whose sequences do not all start at position 0: flash attention splits a "
-                           "packed row only where position_ids are 0, while the capture would split it wherever they "
-                           f"do not step by 1; {fix}")
+        raise CaptureError(
+            "a packed row whose sequences do not all start at position 0: flash attention splits a "
+            "packed row only where position_ids are 0, while the capture would split it wherever they "
+            f"do not step by 1; {fix}"
+        )
 
 
 def sequence_segments(

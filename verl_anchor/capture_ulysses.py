@@ -29,11 +29,13 @@ import torch
 import torch.distributed as dist
 
 from verl_anchor.capture_checks import CaptureError
-from verl_anchor.integration import verl_api
 from verl_anchor.capture_layout import SequenceLayout, find_sequences
+from verl_anchor.integration import verl_api
 from verl_anchor.stats_engine import PackedResponseSignals, PackedTokenStats, response_head_span
 
-INNER = verl_api.PINS["ulysses_flash_attention_forward"].module  # its `_flash_attention_forward`: what verl's wrapper calls
+INNER = verl_api.PINS[
+    "ulysses_flash_attention_forward"
+].module  # its `_flash_attention_forward`: what verl's wrapper calls
 _FIX = "set actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"
 
 
@@ -57,20 +59,29 @@ def sequence_parallel_group() -> Any:
     return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
-def begin(group: Any, implementation: str, call: dict, tokens: torch.Tensor, maps: bool,
-          observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]) -> UlyssesForward:
+def begin(
+    group: Any,
+    implementation: str,
+    call: dict,
+    tokens: torch.Tensor,
+    maps: bool,
+    observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None],
+) -> UlyssesForward:
     """Check the decoder's inputs of an SP forward and wrap verl's inner flash call (`observe` sees each one)."""
     size = dist.get_world_size(group)
     if not implementation.startswith("flash_attention"):  # the rule settings applies at start-up
         raise CaptureError(
             f"Ulysses sequence parallelism over {size} ranks with attn_implementation={implementation!r}: verl "
             "all-to-alls the sequences only inside flash attention, so this attention sees a slice of every sequence; "
-            f"use actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2 (verl's default), or {_FIX}")
+            "use actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2 (verl's default), "
+            f"or {_FIX}"
+        )
     positions = call.get("position_ids")
     if tokens.shape[0] != 1 or call.get("attention_mask") is not None or positions is None or positions.dim() != 2:
         raise CaptureError(
             "under Ulysses sequence parallelism the capture needs verl's packed inputs (one row, 2-D position_ids, no "
-            "attention_mask): set actor_rollout_ref.model.use_remove_padding=True, or " + _FIX)
+            "attention_mask): set actor_rollout_ref.model.use_remove_padding=True, or " + _FIX
+        )
     if maps:
         raise CaptureError("attention maps (map_bins) are not computed under Ulysses sequence parallelism: " + _FIX)
     _HOOK.install(observe)
@@ -84,15 +95,18 @@ def gathered_layout(forward: UlyssesForward, query: torch.Tensor, position_ids: 
         raise CaptureError(
             f"verl's Ulysses attention call has {query.shape[1]} tokens and position_ids of shape "
             f"{None if position_ids is None else tuple(position_ids.shape)}, not the {length} tokens of the "
-            f"{forward.size} ranks' slices: it did not gather the sequences (no position_ids reached it); " + _FIX)
+            f"{forward.size} ranks' slices: it did not gather the sequences (no position_ids reached it); " + _FIX
+        )
     return find_sequences(1, length, None, position_ids, query.device, flash=True)
 
 
 def head_offset(forward: UlyssesForward, local_heads: int, num_heads: int) -> int:
     """The first (global) query head this rank holds after the all-to-all."""
     if local_heads * forward.size != num_heads:
-        raise CaptureError(f"verl's Ulysses all-to-all left {local_heads} of {num_heads} query heads on each of "
-                           f"{forward.size} ranks; the heads must split evenly: " + _FIX)
+        raise CaptureError(
+            f"verl's Ulysses all-to-all left {local_heads} of {num_heads} query heads on each of "
+            f"{forward.size} ranks; the heads must split evenly: " + _FIX
+        )
     return forward.rank * local_heads
 
 
@@ -100,7 +114,8 @@ def not_reached(layer: int, size: int) -> CaptureError:
     return CaptureError(
         f"layer {layer}: under Ulysses sequence parallelism ({size} ranks) its attention never called {INNER}."
         "_flash_attention_forward, where verl gathers whole sequences; apply verl's apply_monkey_patch(model, "
-        "ulysses_sp_size=...) to the model (verl's FSDP engine does), or " + _FIX)
+        "ulysses_sp_size=...) to the model (verl's FSDP engine does), or " + _FIX
+    )
 
 
 class _InnerHook:
@@ -143,17 +158,29 @@ def gather_head_span(stats: PackedTokenStats, response_lengths: torch.Tensor, gr
     head slices of the SP group's ranks. Refuses ranks that disagree on the sequences or do not hold each head once
     (all ranks see the same gathered values, so all raise together). Two collectives, two host reads."""
     sequences, device = stats.sequences, stats.row_span.device
-    header = torch.tensor([sequences.num_sequences, sequences.num_tokens, stats.num_layers, stats.num_heads_total,
-                           stats.heads_per_layer, stats.head_offset], device=device)
+    header = torch.tensor(
+        [
+            sequences.num_sequences,
+            sequences.num_tokens,
+            stats.num_layers,
+            stats.num_heads_total,
+            stats.heads_per_layer,
+            stats.head_offset,
+        ],
+        device=device,
+    )
     headers = _gather(header, group).tolist()
     if any(h[:5] != headers[0][:5] for h in headers):
-        raise RuntimeError("the Ulysses ranks captured different micro-batches: (sequences, tokens, layers, heads, "
-                           f"heads per rank) per rank {[h[:5] for h in headers]}")
+        raise RuntimeError(
+            "the Ulysses ranks captured different micro-batches: (sequences, tokens, layers, heads, "
+            f"heads per rank) per rank {[h[:5] for h in headers]}"
+        )
     num_sequences, _, num_layers, num_heads, local = headers[0][:5]
     offsets = [h[5] for h in headers]
     if sorted(offsets) != list(range(0, num_heads, local)):
-        raise RuntimeError(f"the Ulysses ranks hold query heads from {offsets} ({local} each), not each of the "
-                           f"{num_heads} heads once")
+        raise RuntimeError(
+            f"the Ulysses ranks hold query heads from {offsets} ({local} each), not each of the {num_heads} heads once"
+        )
     span = response_head_span(stats, response_lengths)
     gathered = _gather(torch.cat([sequences.cu_seqlens.double(), span.double().flatten()]), group)
     bounds = gathered[:, : num_sequences + 1]
@@ -166,13 +193,19 @@ def gather_head_span(stats: PackedTokenStats, response_lengths: torch.Tensor, gr
     return full
 
 
-def sum_over_ranks(signals: PackedResponseSignals, seconds: float,
-                   group: Any) -> tuple[PackedResponseSignals, torch.Tensor]:
+def sum_over_ranks(
+    signals: PackedResponseSignals, seconds: float, group: Any
+) -> tuple[PackedResponseSignals, torch.Tensor]:
     """The group means from each rank's share (`stats_engine.group_means`: heads a rank does not hold count 0),
     summed over the SP group, with `seconds` summed too (the group's time). One all-reduce."""
     n = signals.waad.numel()
-    total = torch.cat([signals.waad.float(), signals.fai.float(),
-                       torch.tensor([seconds], dtype=torch.float32, device=signals.waad.device)])
+    total = torch.cat(
+        [
+            signals.waad.float(),
+            signals.fai.float(),
+            torch.tensor([seconds], dtype=torch.float32, device=signals.waad.device),
+        ]
+    )
     dist.all_reduce(total, group=group)
     return dataclasses.replace(signals, waad=total[:n], fai=total[n : 2 * n]), total[-1]
 

@@ -29,15 +29,23 @@ from verl_anchor.usage import UsageError, one_line
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("verl_anchor.demo", "run a few GRPO steps with anchor_coupled through real verl on CPU (no downloads)"),
     "data": ("verl_anchor.data.cli", "prepare a dataset in verl's parquet schema"),
-    "analyze": ("verl_anchor.analysis.report",
-                "per-token WAAD / FAI / entropy and attention maps of a model's responses as an HTML report"),
-    "coupling": ("verl_anchor.analysis.coupling",
-                 "the paper's Table 2: entropy at WAAD peaks, FAI peaks after WAAD peaks, receiver heads"),
-    "perturb": ("verl_anchor.analysis.perturb",
-                "the paper's Table 1: how much forcing another token at high- vs low-FAI positions changes the rest"),
+    "analyze": (
+        "verl_anchor.analysis.report",
+        "per-token WAAD / FAI / entropy and attention maps of a model's responses as an HTML report",
+    ),
+    "coupling": (
+        "verl_anchor.analysis.coupling",
+        "the paper's Table 2: entropy at WAAD peaks, FAI peaks after WAAD peaks, receiver heads",
+    ),
+    "perturb": (
+        "verl_anchor.analysis.perturb",
+        "the paper's Table 1: how much forcing another token at high- vs low-FAI positions changes the rest",
+    ),
     "train": ("verl_anchor.launch", "run a recipe of the paper with verl (prepares missing data first)"),
-    "compare": ("verl_anchor.compare",
-                "estimators x seeds through verl on CPU from the trained Countdown policy: held-out accuracy table and plot"),
+    "compare": (
+        "verl_anchor.compare",
+        "estimators x seeds through verl on CPU from the trained Countdown policy: held-out accuracy table and plot",
+    ),
     "policy": ("verl_anchor.policy", "the shipped Countdown policy: its accuracy, measured again, or trained anew"),
 }
 

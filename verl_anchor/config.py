@@ -94,8 +94,13 @@ class AnchorConfig:
         _check_int("window", self.window, minimum=1, maximum=MAX_OFFSET)
         _check_int("fai_h_lo", self.fai_h_lo, minimum=0, maximum=MAX_OFFSET)
         if self.fai_h_hi is not None:
-            _check_int("fai_h_hi", self.fai_h_hi, minimum=self.fai_h_lo, maximum=MAX_OFFSET,
-                       hint="or None (unbounded, analysis mode)")
+            _check_int(
+                "fai_h_hi",
+                self.fai_h_hi,
+                minimum=self.fai_h_lo,
+                maximum=MAX_OFFSET,
+                hint="or None (unbounded, analysis mode)",
+            )
         _check_real("ratio", self.ratio, low=0.0, high=1.0, low_open=True)
         # Bounded: gamma multiplies float32 advantages, and 1e39 would turn them into inf/NaN.
         _check_real("gamma_amp", self.gamma_amp, low=0.0, high=MAX_GAMMA_AMP, low_open=True)
@@ -141,7 +146,7 @@ class AnchorConfig:
         return None if self.fai_h_hi is None else max(self.window - 1, self.fai_h_hi)
 
     @classmethod
-    def from_mapping(cls, options: Mapping[str, Any], prefix: str = "") -> "AnchorConfig":
+    def from_mapping(cls, options: Mapping[str, Any], prefix: str = "") -> AnchorConfig:
         """Build from a plain mapping (e.g. a verl `algorithm.anchor` block), rejecting unknown keys.
 
         `prefix` is prepended to option names in error messages (e.g. "algorithm.anchor.").
@@ -177,8 +182,12 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _check_int(name: str, value: Any, minimum: int, hint: str = "", maximum: int | None = None) -> None:
-    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
-            or (maximum is not None and value > maximum)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         extra = f" {hint}" if hint else ""
         raise ValueError(f"{name}={value!r} is invalid: use an integer {bound}{extra}")

@@ -201,8 +201,9 @@ def batch_gamma(
         generator = None
         if cfg.needs_seeds:
             generator = torch.Generator().manual_seed(seeds[i] if seeds is not None else response_seed(cfg.seed, i))
-        gamma[i, :n] = token_weights(row_waad, row_fai, cfg, entropy=row_entropy, generator=generator,
-                                     trainable=row_trainable)
+        gamma[i, :n] = token_weights(
+            row_waad, row_fai, cfg, entropy=row_entropy, generator=generator, trainable=row_trainable
+        )
     return gamma, degenerate
 
 

@@ -46,10 +46,15 @@ SHOWN = [
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=out_dir, default=Path("outputs/demo"), help="where model, data and logs go")
     parser.add_argument("--steps", type=positive_int, default=3, help="GRPO steps (an integer >= 1)")
-    parser.add_argument("--estimator", default="anchor_coupled",
-                        help="algorithm.adv_estimator (anchor_local_chunk, anchor_global_anchor, anchor_coupled, "
-                             "anchor_random, anchor_entropy, or grpo for the plain baseline)")
-    parser.add_argument("overrides", nargs="*", help="extra hydra overrides passed to verl, e.g. +algorithm.anchor.ratio=0.2")
+    parser.add_argument(
+        "--estimator",
+        default="anchor_coupled",
+        help="algorithm.adv_estimator (anchor_local_chunk, anchor_global_anchor, anchor_coupled, "
+        "anchor_random, anchor_entropy, or grpo for the plain baseline)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="extra hydra overrides passed to verl, e.g. +algorithm.anchor.ratio=0.2"
+    )
 
 
 def check_estimator(name: str) -> None:
@@ -66,9 +71,11 @@ def check_estimator(name: str) -> None:
         return
     close = suggest_estimator(name, [*ANCHOR_ESTIMATORS, *verl_names])
     hint = f"did you mean {close}? " if close else ""
-    raise UsageError(f"--estimator {name!r} is not an advantage estimator: {hint}"
-                     f"use one of the anchor estimators ({', '.join(ANCHOR_ESTIMATORS)}) "
-                     f"or one of verl's ({', '.join(verl_names)})")
+    raise UsageError(
+        f"--estimator {name!r} is not an advantage estimator: {hint}"
+        f"use one of the anchor estimators ({', '.join(ANCHOR_ESTIMATORS)}) "
+        f"or one of verl's ({', '.join(verl_names)})"
+    )
 
 
 def _override_value(overrides: list[str], key: str) -> str | None:
@@ -84,8 +91,9 @@ def _override_value(overrides: list[str], key: str) -> str | None:
 # Runs on the trained policy (demo, compare). 4 prompts x 8 responses per step: at ~12% solved, 8 samples
 # give a group with both solved and unsolved responses (a non-zero GRPO advantage) ~3 times as often as 4.
 # lr 1e-4: 2e-4 lowered held-out accuracy within 10 steps, 3e-5 did not move it in 20 (docs/experiments.md).
-POLICY_RUN: dict[str, Any] = dict(train_batch_size=4, rollout_n=8, ppo_mini_batch_size=4, micro_batch_size_per_gpu=8,
-                                  lr=1e-4)
+POLICY_RUN: dict[str, Any] = dict(
+    train_batch_size=4, rollout_n=8, ppo_mini_batch_size=4, micro_batch_size_per_gpu=8, lr=1e-4
+)
 # Reward = correct equation only: the policy already writes the format, and GRPO's std normalisation would
 # turn a 0.1 format bonus on a rare format slip into a full-size advantage about formatting.
 POLICY_OVERRIDES = ["+reward.custom_reward_function.reward_kwargs.format_score=0.0"]
@@ -98,7 +106,9 @@ def policy_data_files(data: Path) -> tuple[Path, Path]:
     return data / "train.parquet", data / "test.parquet"
 
 
-def write_policy_data(data: Path, rl_problems: int = RL_PROBLEMS, val_problems: int = VAL_PROBLEMS) -> tuple[Path, Path]:
+def write_policy_data(
+    data: Path, rl_problems: int = RL_PROBLEMS, val_problems: int = VAL_PROBLEMS
+) -> tuple[Path, Path]:
     """`train.parquet` (RL prompts the policy never saw in SFT) and `test.parquet` (the first `val_problems`
     of its held-out set), short prompts (a second or so: written on every call)."""
     from verl_anchor.data.countdown import COUNTDOWN_SCHEMA, countdown_rows
@@ -112,9 +122,16 @@ def write_policy_data(data: Path, rl_problems: int = RL_PROBLEMS, val_problems: 
     return train, test
 
 
-def demo_overrides(out: Path, steps: int, estimator: str, user_overrides: list[str] = (),
-                   model: Path | None = None, rl_problems: int = RL_PROBLEMS, build: bool = True,
-                   **cpu_options: Any) -> list[str]:
+def demo_overrides(
+    out: Path,
+    steps: int,
+    estimator: str,
+    user_overrides: list[str] = (),
+    model: Path | None = None,
+    rl_problems: int = RL_PROBLEMS,
+    build: bool = True,
+    **cpu_options: Any,
+) -> list[str]:
     """Model, data and the verl overrides of the demo run (builds the assets on first use).
 
     `model`: default the trained Countdown policy (`policy.ensure_policy`, shared cache); tests pass the
@@ -138,17 +155,31 @@ def demo_overrides(out: Path, steps: int, estimator: str, user_overrides: list[s
     user_overrides = list(user_overrides)
     n_gpus = int(_override_value(user_overrides, "trainer.n_gpus_per_node") or 1)
     dynamic = (_override_value(user_overrides, "actor_rollout_ref.actor.use_dynamic_bsz") or "false").lower() == "true"
-    return cpu_overrides(
-        model, train, test, adv_estimator=estimator,
-        total_training_steps=steps, max_prompt_length=256, max_response_length=MAX_NEW_TOKENS,
-        use_remove_padding=True, attn_implementation="sdpa", n_gpus=n_gpus, use_dynamic_bsz=dynamic, **cpu_options,
-    ) + [
-        f"reward.custom_reward_function.path={Path(rewards.__file__)}",
-        "reward.custom_reward_function.name=compute_score",
-        f"trainer.default_local_dir={out / 'checkpoints'}",
-        f"trainer.rollout_data_dir={out / 'rollouts'}",
-        "trainer.project_name=verl_anchor_demo", "trainer.experiment_name=" + estimator,
-    ] + user_overrides
+    return (
+        cpu_overrides(
+            model,
+            train,
+            test,
+            adv_estimator=estimator,
+            total_training_steps=steps,
+            max_prompt_length=256,
+            max_response_length=MAX_NEW_TOKENS,
+            use_remove_padding=True,
+            attn_implementation="sdpa",
+            n_gpus=n_gpus,
+            use_dynamic_bsz=dynamic,
+            **cpu_options,
+        )
+        + [
+            f"reward.custom_reward_function.path={Path(rewards.__file__)}",
+            "reward.custom_reward_function.name=compute_score",
+            f"trainer.default_local_dir={out / 'checkpoints'}",
+            f"trainer.rollout_data_dir={out / 'rollouts'}",
+            "trainer.project_name=verl_anchor_demo",
+            "trainer.experiment_name=" + estimator,
+        ]
+        + user_overrides
+    )
 
 
 def step_accuracy(rollouts: Path, step: int) -> float | None:
@@ -177,8 +208,10 @@ def run(args: argparse.Namespace) -> int:
     policy = ensure_policy()  # the shipped policy (verl_anchor/assets), checked against its checksums
     info = json.loads((policy / "policy.json").read_text())
     accuracy = info["heldout_accuracy"]
-    console.print(f"policy: {policy} ({info['parameters'] / 1e6:.1f}M parameters); held-out accuracy "
-                  f"{accuracy['sampled_t1']:.1%} sampled at temperature 1, {accuracy['greedy']:.1%} greedy")
+    console.print(
+        f"policy: {policy} ({info['parameters'] / 1e6:.1f}M parameters); held-out accuracy "
+        f"{accuracy['sampled_t1']:.1%} sampled at temperature 1, {accuracy['greedy']:.1%} greedy"
+    )
     overrides = demo_overrides(out, args.steps, args.estimator, user_overrides, model=policy, **POLICY_RUN)
     log_path = out / "main_ppo.log"
     rollouts = out / "rollouts"
@@ -193,10 +226,12 @@ def run(args: argparse.Namespace) -> int:
         solved = step_accuracy(rollouts, step) if step in dumped else None
         if solved is not None:
             metrics[ACCURACY] = solved
-        console.print(f"step {step}: " + ", ".join(f"{label} {metrics[key]:.3g}" for key, label in SHOWN
-                                                    if key in metrics))
+        console.print(
+            f"step {step}: " + ", ".join(f"{label} {metrics[key]:.3g}" for key, label in SHOWN if key in metrics)
+        )
 
     with console.status("starting Ray, TransferQueue and the verl workers (about a minute)") as status:
+
         def on_line(line: str) -> None:
             pending.update(parse_step_metrics(line))
             dump = _DUMPED.search(line)
@@ -232,8 +267,12 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     last = steps[max(steps)]
     if "timing_s/anchor_stats" in last and last.get("timing_s/old_log_prob"):
-        console.print(f"statistics took {last['timing_s/anchor_stats']:.3f} s of the "
-                      f"{last['timing_s/old_log_prob']:.3f} s old-log-prob step (last step)")
-    console.print(f"done in {time.time() - start:.0f} s. policy: {policy}; data: {out / 'data'}; "
-                  f"rollouts: {rollouts}; log: {log_path}; checkpoints (if saved): {out / 'checkpoints'}")
+        console.print(
+            f"statistics took {last['timing_s/anchor_stats']:.3f} s of the "
+            f"{last['timing_s/old_log_prob']:.3f} s old-log-prob step (last step)"
+        )
+    console.print(
+        f"done in {time.time() - start:.0f} s. policy: {policy}; data: {out / 'data'}; "
+        f"rollouts: {rollouts}; log: {log_path}; checkpoints (if saved): {out / 'checkpoints'}"
+    )
     return 0

@@ -46,8 +46,9 @@ def recipe_names() -> list[str]:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name in verl_anchor/recipes (e.g. countdown_qwen3_4b)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the config, prepare data and print the command; do not run it")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the config, prepare data and print the command; do not run it"
+    )
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. algorithm.adv_estimator=anchor_random")
 
 
@@ -92,6 +93,7 @@ def validate(config: Any) -> None:
     """verl's `validate_config` as `main_ppo` calls it, then the anchor checks; `UsageError` naming the problem."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
     from verl_anchor.integration.settings import prepare_config
     from verl_anchor.integration.verl_api import need_critic, need_reference_policy, validate_config
 
@@ -115,12 +117,16 @@ def _check_anchor_types(config: Any) -> None:
     if block is None:
         return
     if not isinstance(block, DictConfig):
-        raise UsageError(f"invalid config: algorithm.anchor={block!r} must be a mapping of anchor options "
-                         "(set single options, e.g. +algorithm.anchor.ratio=0.2)")
+        raise UsageError(
+            f"invalid config: algorithm.anchor={block!r} must be a mapping of anchor options "
+            "(set single options, e.g. +algorithm.anchor.ratio=0.2)"
+        )
     base = block.get("base_estimator", None)
     if base is not None and not isinstance(base, str):
-        raise UsageError(f"invalid config: algorithm.anchor.base_estimator={base!r} must be an estimator name "
-                         "such as grpo, gae, rloo or reinforce_plus_plus")
+        raise UsageError(
+            f"invalid config: algorithm.anchor.base_estimator={base!r} must be an estimator name "
+            "such as grpo, gae, rloo or reinforce_plus_plus"
+        )
 
 
 def data_files(config: Any) -> list[Path]:
@@ -145,8 +151,9 @@ def ensure_data(files: list[Path]) -> None:
             try:
                 make_dir(path.parent)
             except UsageError as err:
-                raise UsageError(f"{err}; set $VERL_ANCHOR_DATA (or data.train_files / data.val_files) "
-                                 "to a writable place") from None
+                raise UsageError(
+                    f"{err}; set $VERL_ANCHOR_DATA (or data.train_files / data.val_files) to a writable place"
+                ) from None
         if name == "countdown":
             prepare_countdown(path.parent, train_size=20_000, test_size=512, seed=0)
         elif name in DATASETS:
@@ -157,8 +164,10 @@ def ensure_data(files: list[Path]) -> None:
                     f"{exc}. Offline, prepare it first: verl-anchor data {name} --from PATH --out {path.parent}"
                 ) from exc
         else:
-            raise UsageError(f"{path} is missing and {name!r} is not a dataset verl-anchor can prepare "
-                             f"(countdown, {', '.join(DATASETS)})")
+            raise UsageError(
+                f"{path} is missing and {name!r} is not a dataset verl-anchor can prepare "
+                f"(countdown, {', '.join(DATASETS)})"
+            )
         if not path.exists():
             raise UsageError(f"preparing {name} did not produce {path}")
 
@@ -166,13 +175,20 @@ def ensure_data(files: list[Path]) -> None:
 def run(args: argparse.Namespace) -> int:
     if os.environ.get("VERL_ANCHOR_DATA", None) is not None and not os.environ["VERL_ANCHOR_DATA"].strip():
         # The recipes would read `/countdown/train.parquet` (and write it there if missing).
-        raise UsageError("$VERL_ANCHOR_DATA is set but empty: unset it (the default is ~/data/verl_anchor) "
-                         "or set it to a directory")
+        raise UsageError(
+            "$VERL_ANCHOR_DATA is set but empty: unset it (the default is ~/data/verl_anchor) or set it to a directory"
+        )
     config = compose_recipe(args.recipe, list(args.overrides))
     validate(config)
     ensure_data(data_files(config))
-    command = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path=pkg://verl_anchor.recipes",
-               f"--config-name={args.recipe}", *args.overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "verl.trainer.main_ppo",
+        "--config-path=pkg://verl_anchor.recipes",
+        f"--config-name={args.recipe}",
+        *args.overrides,
+    ]
     print("running:", shlex.join(command), flush=True)
     if args.dry_run:
         return 0

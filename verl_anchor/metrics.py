@@ -194,8 +194,9 @@ def token_stats(
             prefix_mass = torch.exp(prefix_lse - lse)
             mass = mass + prefix_mass
             # sum_{s<ks} A[t,s] (t - s) = mass * ((t - ks) + mean(ks - s)); each such t - s >= window.
-            row_span[:, rows] += prefix_mass * (torch.arange(t0 - ks, t1 - ks, device=device, dtype=dtype)
-                                                + prefix_mean_dist)
+            row_span[:, rows] += prefix_mass * (
+                torch.arange(t0 - ks, t1 - ks, device=device, dtype=dtype) + prefix_mean_dist
+            )
         # min(t - s, W) = W - max(W - (t - s), 0): only the W nearest keys of each query differ from W.
         waad[:, rows] = window * mass - block.near_diagonals(probs) @ blocks.near_weights
         fai_sum[:, ks:t1] += (probs * block.horizon).sum(dim=1)
@@ -306,21 +307,32 @@ class _BlockGeometry:
             if missing:
                 probs = torch.nn.functional.pad(probs, (missing, 0))
             heads, chunk, width = probs.shape
-            return probs.as_strided((heads, chunk, self.window), (chunk * width, width + 1, 1),
-                                    probs.storage_offset() + self.lead + missing - (self.window - 1))
+            return probs.as_strided(
+                (heads, chunk, self.window),
+                (chunk * width, width + 1, 1),
+                probs.storage_offset() + self.lead + missing - (self.window - 1),
+            )
 
-    def get(self, chunk: int, lead: int, keep: bool) -> "_BlockGeometry.Block":
+    def get(self, chunk: int, lead: int, keep: bool) -> _BlockGeometry.Block:
         """The block of `chunk` queries with `lead` keys before them; `keep` it for later chunks of the call."""
         block = self._cache.get((chunk, lead))
         if block is None:
             cfg = self.cfg
-            offset = (torch.arange(chunk, device=self.device)[:, None] + lead
-                      - torch.arange(chunk + lead, device=self.device)[None, :])  # [i, j] = t - s
+            offset = (
+                torch.arange(chunk, device=self.device)[:, None]
+                + lead
+                - torch.arange(chunk + lead, device=self.device)[None, :]
+            )  # [i, j] = t - s
             horizon = offset >= cfg.fai_h_lo
             if cfg.fai_h_hi is not None:
                 horizon &= offset <= cfg.fai_h_hi
-            block = self.Block(future=offset[:, lead:] < 0, dist=offset.clamp(min=0).to(self.dtype),
-                               horizon=horizon.to(self.dtype), lead=lead, window=self.window)
+            block = self.Block(
+                future=offset[:, lead:] < 0,
+                dist=offset.clamp(min=0).to(self.dtype),
+                horizon=horizon.to(self.dtype),
+                lead=lead,
+                window=self.window,
+            )
             if keep:
                 self._cache[chunk, lead] = block
         return block
@@ -378,7 +390,9 @@ _FUSED_BROKEN: set[tuple[str, torch.dtype]] = set()
 _NO_KERNEL = ("not implemented for", "expected data type", "no kernel found")
 
 
-def _prefix_moments(q_chunk: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _prefix_moments(
+    q_chunk: torch.Tensor, keys: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Row log-sum-exp and mean distance `sum_s p(s) (ks - s)` of `q_chunk` over all keys `s < ks`.
 
     One fused attention call with values = distances (column 0 of V; kernels want V as wide as Q).

@@ -81,8 +81,9 @@ class PolicyRecipe:
     def digest(self) -> str:
         from verl_anchor import tiny
 
-        text = json.dumps({**dataclasses.asdict(self), "version": _POLICY_VERSION, "tiny": tiny._ASSET_VERSION},
-                          sort_keys=True)
+        text = json.dumps(
+            {**dataclasses.asdict(self), "version": _POLICY_VERSION, "tiny": tiny._ASSET_VERSION}, sort_keys=True
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -102,8 +103,13 @@ def policy_splits(recipe: PolicyRecipe = DEFAULT_RECIPE, rl_problems: int = 0) -
     """Disjoint, reproducible splits: the held-out set does not depend on the other sizes, and the RL
     prompts are the generator's train stream after the SFT problems."""
     train, heldout = generate_countdown(
-        recipe.sft_problems + rl_problems, recipe.heldout_problems, seed=recipe.seed, min_numbers=recipe.numbers,
-        max_numbers=recipe.numbers, max_target=recipe.max_target, max_number=recipe.max_number,
+        recipe.sft_problems + rl_problems,
+        recipe.heldout_problems,
+        seed=recipe.seed,
+        min_numbers=recipe.numbers,
+        max_numbers=recipe.numbers,
+        max_target=recipe.max_target,
+        max_number=recipe.max_number,
     )
     return PolicySplits(sft=train[: recipe.sft_problems], rl=train[recipe.sft_problems :], heldout=heldout)
 
@@ -117,8 +123,12 @@ def worked_solution(problem: CountdownProblem) -> str:
             return node.value
         assert isinstance(node, ast.BinOp), ast.dump(node)
         left, right = value(node.left), value(node.right)
-        symbol, result = {ast.Add: ("+", left + right), ast.Sub: ("-", left - right),
-                          ast.Mult: ("*", left * right), ast.Div: ("/", left // right)}[type(node.op)]
+        symbol, result = {
+            ast.Add: ("+", left + right),
+            ast.Sub: ("-", left - right),
+            ast.Mult: ("*", left * right),
+            ast.Div: ("/", left // right),
+        }[type(node.op)]
         steps.append(f"{left} {symbol} {right} = {result}")
         return result
 
@@ -165,9 +175,15 @@ def train_policy(out_dir: str | os.PathLike, recipe: PolicyRecipe = DEFAULT_RECI
     splits = policy_splits(recipe)
     examples = _examples(tokenizer, splits.sft)
     config = tiny_config(
-        "qwen3", vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=recipe.hidden,
-        intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
-        num_key_value_heads=recipe.kv_heads, head_dim=recipe.head_dim, max_position_embeddings=512,
+        "qwen3",
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.kv_heads,
+        head_dim=recipe.head_dim,
+        max_position_embeddings=512,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
@@ -193,31 +209,47 @@ def train_policy(out_dir: str | os.PathLike, recipe: PolicyRecipe = DEFAULT_RECI
                 loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
                 bar.set_postfix(loss=f"{loss_ema:.3f}")
             model.eval()
-            model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+            model.generation_config = GenerationConfig(
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+            )
             accuracy = heldout_accuracy(model, tokenizer, recipe)
     finally:
         torch.set_num_threads(threads)
-    info = {"recipe": dataclasses.asdict(recipe), "digest": recipe.digest(), "final_loss_ema": loss_ema,
-            "heldout_accuracy": accuracy, "heldout_problems": len(splits.heldout),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    info = {
+        "recipe": dataclasses.asdict(recipe),
+        "digest": recipe.digest(),
+        "final_loss_ema": loss_ema,
+        "heldout_accuracy": accuracy,
+        "heldout_problems": len(splits.heldout),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     Path(out_dir, "policy.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def heldout_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                     recipe: PolicyRecipe = DEFAULT_RECIPE) -> dict[str, float]:
+def heldout_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: PolicyRecipe = DEFAULT_RECIPE
+) -> dict[str, float]:
     """The accuracy `policy.json` records: the recipe's held-out problems, greedy and sampled at T = 1.0."""
     heldout = policy_splits(recipe).heldout
-    return {"greedy": evaluate(model, tokenizer, heldout, temperature=0.0),
-            "sampled_t1": evaluate(model, tokenizer, heldout, temperature=1.0, seed=recipe.seed)}
+    return {
+        "greedy": evaluate(model, tokenizer, heldout, temperature=0.0),
+        "sampled_t1": evaluate(model, tokenizer, heldout, temperature=1.0, seed=recipe.seed),
+    }
 
 
 @torch.no_grad()
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[CountdownProblem],
-             temperature: float = 1.0, samples: int = 1, seed: int = 0, batch_size: int = 64) -> float:
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[CountdownProblem],
+    temperature: float = 1.0,
+    samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> float:
     """Share of (problem, sample) pairs scored 1.0 by the Countdown reward; greedy when `temperature` is 0.
 
     Sampling is plain (no top-k/top-p), as the recipes' rollouts at temperature 1.0.
@@ -225,8 +257,11 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problem
     if not problems:
         raise ValueError("evaluate needs at least one problem")
     prompts = [prompt_ids(tokenizer, p) for p in problems for _ in range(samples if temperature > 0 else 1)]
-    truths = [{"target": p.target, "numbers": list(p.numbers)} for p in problems
-              for _ in range(samples if temperature > 0 else 1)]
+    truths = [
+        {"target": p.target, "numbers": list(p.numbers)}
+        for p in problems
+        for _ in range(samples if temperature > 0 else 1)
+    ]
     solved = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -235,10 +270,19 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problem
             width = max(map(len, chunk))
             ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
-                dict(do_sample=False)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+            sampling = (
+                dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+                if temperature > 0
+                else dict(do_sample=False)
+            )
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=MAX_NEW_TOKENS,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
             for row, truth in zip(out[:, width:], truths[start : start + batch_size]):
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 solved += score_countdown(text, truth) == 1.0
@@ -276,13 +320,16 @@ def shipped_policy() -> Path:
         if digest != DEFAULT_RECIPE.digest():
             problem = f"it was trained with recipe digest {digest}, DEFAULT_RECIPE is {DEFAULT_RECIPE.digest()}"
     if problem is not None:
-        raise PolicyError(f"the shipped policy {SHIPPED_POLICY} cannot be used: {problem}; reinstall verl-anchor, "
-                          f"or (after changing the recipe) retrain it: {RETRAIN_COMMAND}")
+        raise PolicyError(
+            f"the shipped policy {SHIPPED_POLICY} cannot be used: {problem}; reinstall verl-anchor, "
+            f"or (after changing the recipe) retrain it: {RETRAIN_COMMAND}"
+        )
     return SHIPPED_POLICY
 
 
-def ensure_policy(cache_dir: str | os.PathLike | None = None, recipe: PolicyRecipe = DEFAULT_RECIPE,
-                  progress: bool = True) -> Path:
+def ensure_policy(
+    cache_dir: str | os.PathLike | None = None, recipe: PolicyRecipe = DEFAULT_RECIPE, progress: bool = True
+) -> Path:
     """The trained policy's directory: the shipped one for `DEFAULT_RECIPE` (`shipped_policy`), the same on
     every machine; any other recipe is trained on first use (about 3 minutes on 2 cores).
 
@@ -298,11 +345,17 @@ def ensure_policy(cache_dir: str | os.PathLike | None = None, recipe: PolicyReci
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--evaluate", action="store_true",
-                        help="measure the shipped policy's held-out accuracy again (about a minute on 2 cores)")
-    parser.add_argument("--train", action="store_true",
-                        help="train the default recipe into --out (about 3 minutes on 2 cores): the command that "
-                             "produced the shipped policy")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="measure the shipped policy's held-out accuracy again (about a minute on 2 cores)",
+    )
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="train the default recipe into --out (about 3 minutes on 2 cores): the command that "
+        "produced the shipped policy",
+    )
     parser.add_argument("--out", type=out_dir, help="a new or empty directory for --train")
 
 
@@ -322,8 +375,9 @@ def run(args: argparse.Namespace) -> int:
         if out.is_dir():
             out.rmdir()  # build_once renames the finished policy into place
         info = json.loads((build_once(out, lambda tmp: train_policy(tmp, DEFAULT_RECIPE)) / "policy.json").read_text())
-        print(f"trained {out}: {_accuracy_line(info['heldout_accuracy'])}; ship it by replacing {SHIPPED_POLICY} "
-              "with it")
+        print(
+            f"trained {out}: {_accuracy_line(info['heldout_accuracy'])}; ship it by replacing {SHIPPED_POLICY} with it"
+        )
         return 0
     path = shipped_policy()
     info = json.loads((path / "policy.json").read_text())
@@ -338,5 +392,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _accuracy_line(accuracy: dict[str, float]) -> str:
-    return (f"held-out accuracy {accuracy['sampled_t1']:.1%} sampled at temperature 1, {accuracy['greedy']:.1%} "
-            f"greedy ({DEFAULT_RECIPE.heldout_problems} problems)")
+    return (
+        f"held-out accuracy {accuracy['sampled_t1']:.1%} sampled at temperature 1, {accuracy['greedy']:.1%} "
+        f"greedy ({DEFAULT_RECIPE.heldout_problems} problems)"
+    )

@@ -60,15 +60,19 @@ class PackedSequences:
 
     def __post_init__(self) -> None:
         if self.cu_seqlens.dim() != 1 or self.cu_seqlens.numel() < 1 or self.cu_seqlens.is_floating_point():
-            raise ValueError(f"cu_seqlens must be a 1-D integer tensor (S+1,), got {self.cu_seqlens.dtype} "
-                             f"of shape {tuple(self.cu_seqlens.shape)}")
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor (S+1,), got {self.cu_seqlens.dtype} "
+                f"of shape {tuple(self.cu_seqlens.shape)}"
+            )
         if not 0 <= self.num_tokens <= MAX_TOKENS:
-            raise ValueError(f"num_tokens={self.num_tokens} is invalid: a micro-batch holds 0..{MAX_TOKENS} tokens "
-                             "(the kernels index tokens in int32); split it into smaller micro-batches")
+            raise ValueError(
+                f"num_tokens={self.num_tokens} is invalid: a micro-batch holds 0..{MAX_TOKENS} tokens "
+                "(the kernels index tokens in int32); split it into smaller micro-batches"
+            )
         object.__setattr__(self, "cu_seqlens", self.cu_seqlens.long())
 
     @classmethod
-    def built_valid(cls, cu_seqlens: torch.Tensor, num_tokens: int) -> "PackedSequences":
+    def built_valid(cls, cu_seqlens: torch.Tensor, num_tokens: int) -> PackedSequences:
         """For boundaries that rise from 0 to T by construction (a cumsum of lengths padded with 0, sorted
         sequence starts from 0 padded with T): `check` then reads nothing (the capture's layouts, no extra sync)."""
         sequences = cls(cu_seqlens, num_tokens)
@@ -83,8 +87,12 @@ class PackedSequences:
         if self._checked or self.cu_seqlens.device.type == "meta":
             return
         bounds = self.bounds
-        if (len(bounds) != self.num_sequences + 1 or bounds[0] != 0 or bounds[-1] != self.num_tokens
-                or any(b < a for a, b in zip(bounds, bounds[1:]))):
+        if (
+            len(bounds) != self.num_sequences + 1
+            or bounds[0] != 0
+            or bounds[-1] != self.num_tokens
+            or any(b < a for a, b in zip(bounds, bounds[1:]))
+        ):
             raise ValueError(f"cu_seqlens must rise from 0 to T = {self.num_tokens}, got {list(bounds)}")
         object.__setattr__(self, "_checked", True)
 
@@ -141,8 +149,11 @@ class PackedTokenStats:
 
     @property
     def head_ids(self) -> tuple[int, ...]:
-        return tuple(layer * self.num_heads_total + self.head_offset + h
-                     for layer in range(self.num_layers) for h in range(self.heads_per_layer))
+        return tuple(
+            layer * self.num_heads_total + self.head_offset + h
+            for layer in range(self.num_layers)
+            for h in range(self.heads_per_layer)
+        )
 
     def rows_of(self, heads: torch.Tensor) -> torch.Tensor:
         """The row of each global head index in `heads` (same shape), -1 where these statistics do not hold it."""
@@ -153,17 +164,27 @@ class PackedTokenStats:
     def to_token_stats(self) -> list[TokenStats]:
         """One `TokenStats` per sequence (views). Reads the boundaries on the host: for CPU-side consumers."""
         bounds = self.sequences.bounds
-        return [TokenStats(row_span=self.row_span[:, a:b], waad=self.waad[:, a:b], fai=self.fai[:, a:b])
-                for a, b in zip(bounds[:-1], bounds[1:])]
+        return [
+            TokenStats(row_span=self.row_span[:, a:b], waad=self.waad[:, a:b], fai=self.fai[:, a:b])
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
 
-    def first_sequences(self, num_sequences: int, num_tokens: int) -> "PackedTokenStats":
+    def first_sequences(self, num_sequences: int, num_tokens: int) -> PackedTokenStats:
         """The statistics of the first `num_sequences` sequences, which end at token `num_tokens` (the caller
         knows where: nothing is read from the device). Drops e.g. the padding a packed row ends with."""
         bounds = self.sequences.host_bounds
-        sequences = PackedSequences(self.sequences.cu_seqlens[: num_sequences + 1], num_tokens,
-                                    host_bounds=None if bounds is None else bounds[: num_sequences + 1])
-        return dataclasses.replace(self, row_span=self.row_span[:, :num_tokens], waad=self.waad[:, :num_tokens],
-                                   fai=self.fai[:, :num_tokens], sequences=sequences)
+        sequences = PackedSequences(
+            self.sequences.cu_seqlens[: num_sequences + 1],
+            num_tokens,
+            host_bounds=None if bounds is None else bounds[: num_sequences + 1],
+        )
+        return dataclasses.replace(
+            self,
+            row_span=self.row_span[:, :num_tokens],
+            waad=self.waad[:, :num_tokens],
+            fai=self.fai[:, :num_tokens],
+            sequences=sequences,
+        )
 
 
 @dataclasses.dataclass
@@ -187,16 +208,22 @@ class PackedResponseSignals:
         """One `metrics.GroupSignals` per response. Reads offsets and spans on the host."""
         bounds = self.cu_response.tolist()
         spans = zip(self.span_loc.tolist(), self.span_glob.tolist())
-        return [GroupSignals(waad=self.waad[a:b], fai=self.fai[a:b], span_loc=loc, span_glob=glob)
-                for a, b, (loc, glob) in zip(bounds[:-1], bounds[1:], spans)]
+        return [
+            GroupSignals(waad=self.waad[a:b], fai=self.fai[a:b], span_loc=loc, span_glob=glob)
+            for a, b, (loc, glob) in zip(bounds[:-1], bounds[1:], spans)
+        ]
 
 
 def select_backend(q: torch.Tensor) -> str:
     """The one dispatch by device: "triton" for CUDA tensors of 16/32-bit floats where triton is
     installed and the device can run the kernels for q's head dim (`kernel_device_problem`), "torch"
     (`metrics.token_stats` per sequence) everywhere else."""
-    if (q.device.type == "cuda" and q.dtype in KERNEL_DTYPES and _triton_installed()
-            and kernel_device_problem(q.device, q.shape[-1]) is None):
+    if (
+        q.device.type == "cuda"
+        and q.dtype in KERNEL_DTYPES
+        and _triton_installed()
+        and kernel_device_problem(q.device, q.shape[-1]) is None
+    ):
         return "triton"
     return "torch"
 
@@ -209,8 +236,9 @@ def kernel_device_problem(device: torch.device, head_dim: int) -> str | None:
         return None
     from verl_anchor.kernels import triton_stats
 
-    return triton_stats.cuda_device_problem(torch.cuda.current_device() if device.index is None else device.index,
-                                            head_dim)
+    return triton_stats.cuda_device_problem(
+        torch.cuda.current_device() if device.index is None else device.index, head_dim
+    )
 
 
 @functools.cache
@@ -227,14 +255,16 @@ def fused_attention_kernel(device: torch.device) -> FusedAttention | None:
     return {"cpu": _cpu_fused_attention, "cuda": _cuda_fused_attention}.get(device.type)
 
 
-def _cpu_fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cpu_fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return out, lse
 
 
-def _cuda_fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cuda_fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # the memory-efficient kernel has no GQA: repeat the (prefix) keys
         k, v = k.repeat_interleave(groups, dim=1), v.expand(-1, q.shape[1], -1, -1)
@@ -280,8 +310,9 @@ def packed_token_stats(
         row_span, waad, fai = triton_stats.packed_stats(q, k, tiles, cfg.window, cfg.fai_h_lo, cfg.fai_h_hi, scale)
     else:
         row_span, waad, fai = _per_sequence_stats(q, k, sequences, cfg, scale, chunk_size)
-    return PackedTokenStats(row_span=row_span, waad=waad, fai=fai, sequences=sequences, head_offset=head_offset,
-                            num_heads_total=total)
+    return PackedTokenStats(
+        row_span=row_span, waad=waad, fai=fai, sequences=sequences, head_offset=head_offset, num_heads_total=total
+    )
 
 
 def stack_layers(per_layer: Sequence[PackedTokenStats]) -> PackedTokenStats:
@@ -289,10 +320,26 @@ def stack_layers(per_layer: Sequence[PackedTokenStats]) -> PackedTokenStats:
     if not per_layer:
         raise ValueError("stack_layers needs the statistics of at least one layer")
     first = per_layer[0]
-    layout = (first.sequences.num_tokens, first.sequences.num_sequences, first.head_offset, first.num_heads_total,
-              first.row_span.shape[0], 1)
-    if any((s.sequences.num_tokens, s.sequences.num_sequences, s.head_offset, s.num_heads_total,
-            s.row_span.shape[0], s.num_layers) != layout for s in per_layer):
+    layout = (
+        first.sequences.num_tokens,
+        first.sequences.num_sequences,
+        first.head_offset,
+        first.num_heads_total,
+        first.row_span.shape[0],
+        1,
+    )
+    if any(
+        (
+            s.sequences.num_tokens,
+            s.sequences.num_sequences,
+            s.head_offset,
+            s.num_heads_total,
+            s.row_span.shape[0],
+            s.num_layers,
+        )
+        != layout
+        for s in per_layer
+    ):
         raise ValueError("stack_layers needs one layer's statistics each, of the same micro-batch and heads")
     return PackedTokenStats(
         row_span=torch.cat([s.row_span for s in per_layer]),
@@ -370,21 +417,28 @@ def packed_response_signals(
     """
     if head_span is None:
         if stats.heads_per_layer != stats.num_heads_total:
-            raise ValueError(f"stats hold {stats.heads_per_layer} of {stats.num_heads_total} heads: pass head_span "
-                             "of all heads (gathered over the sequence-parallel ranks)")
+            raise ValueError(
+                f"stats hold {stats.heads_per_layer} of {stats.num_heads_total} heads: pass head_span "
+                "of all heads (gathered over the sequence-parallel ranks)"
+            )
         head_span = response_head_span(stats, response_lengths)
     local_heads, global_heads = group_heads(head_span, cfg)
     waad, fai, cu_response = group_means(stats, response_lengths, local_heads, global_heads, num_response_tokens)
     spans = head_span.T
     return PackedResponseSignals(
-        waad=waad, fai=fai, cu_response=cu_response,
-        span_loc=spans.gather(1, local_heads).mean(dim=1), span_glob=spans.gather(1, global_heads).mean(dim=1),
-        local_heads=local_heads, global_heads=global_heads,
+        waad=waad,
+        fai=fai,
+        cu_response=cu_response,
+        span_loc=spans.gather(1, local_heads).mean(dim=1),
+        span_glob=spans.gather(1, global_heads).mean(dim=1),
+        local_heads=local_heads,
+        global_heads=global_heads,
     )
 
 
-def _per_sequence_stats(q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences, cfg: AnchorConfig,
-                        scale: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _per_sequence_stats(
+    q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences, cfg: AnchorConfig, scale: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch path: `metrics.token_stats` of each sequence, written into packed outputs."""
     bounds = sequences.bounds  # read once per PackedSequences (by `check`), shared by the layers of a forward
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -396,31 +450,42 @@ def _per_sequence_stats(q: torch.Tensor, k: torch.Tensor, sequences: PackedSeque
     return out[0], out[1], out[2]
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences, head_offset: int,
-                  num_heads_total: int) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, sequences: PackedSequences, head_offset: int, num_heads_total: int
+) -> None:
     """What both backends refuse beyond `metrics.prepare_qk`: tokens or device not those of `sequences`, bad
     boundaries (`PackedSequences.check`), and a head slice that does not map onto its key heads."""
     if sequences.num_tokens != q.shape[1] or sequences.cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens describe {sequences.num_tokens} tokens on {sequences.cu_seqlens.device}, "
-                         f"q has {q.shape[1]} on {q.device}")
+        raise ValueError(
+            f"cu_seqlens describe {sequences.num_tokens} tokens on {sequences.cu_seqlens.device}, "
+            f"q has {q.shape[1]} on {q.device}"
+        )
     num_heads, group = q.shape[0], q.shape[0] // k.shape[0]
     if head_offset < 0 or head_offset + num_heads > num_heads_total:
-        raise ValueError(f"heads {head_offset}..{head_offset + num_heads - 1} are outside 0..{num_heads_total - 1} "
-                         f"(head_offset={head_offset}, num_heads_total={num_heads_total})")
+        raise ValueError(
+            f"heads {head_offset}..{head_offset + num_heads - 1} are outside 0..{num_heads_total - 1} "
+            f"(head_offset={head_offset}, num_heads_total={num_heads_total})"
+        )
     # Query head h reads key head h // group of `k`: right only if the slice starts at a group boundary.
     if head_offset % group or num_heads_total % group:
-        raise ValueError(f"query heads {head_offset}..{head_offset + num_heads - 1} of {num_heads_total} with "
-                         f"{k.shape[0]} key head(s) ({group} query heads per key head) cross a key-head group: "
-                         f"start the slice at a multiple of {group} and pass the key heads its groups read")
+        raise ValueError(
+            f"query heads {head_offset}..{head_offset + num_heads - 1} of {num_heads_total} with "
+            f"{k.shape[0]} key head(s) ({group} query heads per key head) cross a key-head group: "
+            f"start the slice at a multiple of {group} and pass the key heads its groups read"
+        )
     sequences.check()
 
 
 def _response_lengths(stats: PackedTokenStats, response_lengths: torch.Tensor) -> torch.Tensor:
     if response_lengths.shape != (stats.sequences.num_sequences,):
-        raise ValueError(f"response_lengths must be ({stats.sequences.num_sequences},), one per sequence, "
-                         f"got shape {tuple(response_lengths.shape)}")
+        raise ValueError(
+            f"response_lengths must be ({stats.sequences.num_sequences},), one per sequence, "
+            f"got shape {tuple(response_lengths.shape)}"
+        )
     lengths = response_lengths.to(stats.sequences.cu_seqlens.device, torch.long)
     if lengths.device.type == "cpu" and bool(((lengths < 0) | (lengths > stats.sequences.cu_seqlens.diff())).any()):
-        raise ValueError(f"response lengths {lengths.tolist()} must lie in 0..sequence length "
-                         f"{stats.sequences.cu_seqlens.diff().tolist()}")
+        raise ValueError(
+            f"response lengths {lengths.tolist()} must lie in 0..sequence length "
+            f"{stats.sequences.cu_seqlens.diff().tolist()}"
+        )
     return lengths

@@ -193,17 +193,47 @@ def tiny_config(arch: str = "qwen3", **overrides: Any) -> PretrainedConfig:
 
 # Fields that keep the other families tiny and valid: a few small experts (MoE), consistent MLA head sizes,
 # a hybrid pattern with attention layers among the first four. Unknown fields are ignored by a config.
-_TINY_MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                 shared_expert_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-                 topk_group=1, intermediate_size_mlp=64)
+_TINY_MOE = dict(
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    intermediate_size_mlp=64,
+)
 _ARCH_EXTRAS: dict[str, dict[str, Any]] = {
-    "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=16, head_dim=8),
-    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
-                  mamba_d_state=4, mamba_expand=1, mamba_dt_rank=4, use_mamba_kernels=False),
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,
+    ),
+    "jamba": dict(
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=4,
+        mamba_expand=1,
+        mamba_dt_rank=4,
+        use_mamba_kernels=False,
+    ),
     "lfm2": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
-    "qwen3_next": dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
-                       linear_value_head_dim=16, linear_conv_kernel_dim=2),
+    "qwen3_next": dict(
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=2,
+    ),
 }
 
 
@@ -213,9 +243,20 @@ def tiny_arch_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"unknown model_type {model_type!r}: not a transformers config")
     kwargs: dict[str, Any] = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
-        dtype="float32", pad_token_id=0, bos_token_id=1, eos_token_id=2, **_TINY_MOE,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        dtype="float32",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **_TINY_MOE,
     )
     kwargs.update(_ARCH_EXTRAS.get(model_type, {}))
     kwargs.update(overrides)
@@ -282,8 +323,11 @@ def asset_problem(directory: Path) -> str | None:
     try:
         lines = (directory / CHECKSUMS).read_text().splitlines()
     except OSError:
-        return f"it has no {CHECKSUMS} (not built, or its build did not finish)" if directory.exists() else \
-            "it does not exist"
+        return (
+            f"it has no {CHECKSUMS} (not built, or its build did not finish)"
+            if directory.exists()
+            else "it does not exist"
+        )
     for line in lines:
         recorded, _, name = line.partition("  ")
         try:
@@ -328,7 +372,9 @@ def build_once(final: Path, build: Callable[[Path], Any]) -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError as err:
-        raise CacheError(f"cannot build {final.name} in the cache {final.parent}: {err.strerror or err}"
-                         f"{f' ({err.filename})' if err.filename else ''}; use a writable directory "
-                         "(VERL_ANCHOR_CACHE sets the default cache)") from err
+        raise CacheError(
+            f"cannot build {final.name} in the cache {final.parent}: {err.strerror or err}"
+            f"{f' ({err.filename})' if err.filename else ''}; use a writable directory "
+            "(VERL_ANCHOR_CACHE sets the default cache)"
+        ) from err
     return final

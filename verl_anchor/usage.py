@@ -81,7 +81,9 @@ def bounded_int(minimum: int, maximum: int | None = None, why: str = "") -> Call
             raise argparse.ArgumentTypeError(f"{value} is invalid: use an integer >= {minimum}")
         if maximum is not None and number > maximum:
             reason = f" ({why})" if why else ""
-            raise argparse.ArgumentTypeError(f"{value} is too large: use an integer from {minimum} to {maximum}{reason}")
+            raise argparse.ArgumentTypeError(
+                f"{value} is too large: use an integer from {minimum} to {maximum}{reason}"
+            )
         return number
 
     parse.__name__ = f"integer >= {minimum}"  # argparse names the type in some messages
@@ -98,8 +100,9 @@ def temperature(value: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
     if number != 0 and not (math.isfinite(number) and MIN_TEMPERATURE <= number <= MAX_TEMPERATURE):
-        raise argparse.ArgumentTypeError(f"{value} is invalid: use 0 (greedy) or a number from {MIN_TEMPERATURE:g} "
-                                         f"to {MAX_TEMPERATURE:g}")
+        raise argparse.ArgumentTypeError(
+            f"{value} is invalid: use 0 (greedy) or a number from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}"
+        )
     return number
 
 
@@ -113,8 +116,9 @@ def layer_list(value: str) -> tuple[int, ...]:
         try:
             layer = int(part)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} in {value!r} is not an integer: give comma-separated 0-based "
-                                             "layer indices, e.g. 3,7") from None
+            raise argparse.ArgumentTypeError(
+                f"{part!r} in {value!r} is not an integer: give comma-separated 0-based layer indices, e.g. 3,7"
+            ) from None
         if layer < 0:
             raise argparse.ArgumentTypeError(f"{layer} in {value!r} is invalid: layer indices are 0-based (>= 0)")
         if layer in layers:

@@ -25,8 +25,17 @@ from verl_anchor.capture import AttentionCapture, CaptureError
 from verl_anchor.config import MAX_LAYERS, AnchorConfig
 from verl_anchor.credit import select_tokens, waad_jumps
 from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, response_signals
-from verl_anchor.usage import (UsageError, bounded_int, in_path, layer_list, make_dir, model_ref, out_dir,
-                               seed, temperature)
+from verl_anchor.usage import (
+    UsageError,
+    bounded_int,
+    in_path,
+    layer_list,
+    make_dir,
+    model_ref,
+    out_dir,
+    seed,
+    temperature,
+)
 
 RATIO = 0.4  # share of tokens marked preplan / anchor, as `select_tokens` does in training
 
@@ -41,8 +50,9 @@ def demo_prompts() -> list[str]:
     from verl_anchor.data.countdown import countdown_prompt
     from verl_anchor.policy import policy_splits
 
-    return [countdown_prompt(p.numbers, p.target, "short")[0]["content"]
-            for p in policy_splits().heldout[:DEMO_PROBLEMS]]
+    return [
+        countdown_prompt(p.numbers, p.target, "short")[0]["content"] for p in policy_splits().heldout[:DEMO_PROBLEMS]
+    ]
 
 
 class AnalysisError(UsageError):
@@ -53,27 +63,47 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     """The options every analysis command takes."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=model_ref, help="Hugging Face model id or local path (e.g. Qwen/Qwen3-4B-Base)")
-    source.add_argument("--demo", action="store_true",
-                        help="the small Countdown policy of `verl-anchor demo` (trained on first use, no downloads) "
-                             "on its held-out problems")
-    parser.add_argument("--prompts", type=in_path, default=None,
-                        help="jsonl with a `prompt` field per line (optional `response`: then no generation), or "
-                             "a verl parquet such as `verl-anchor data gsm8k` writes; "
-                             "default: the demo policy's first six held-out Countdown problems (short prompt)")
+    source.add_argument(
+        "--demo",
+        action="store_true",
+        help="the small Countdown policy of `verl-anchor demo` (trained on first use, no downloads) "
+        "on its held-out problems",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=in_path,
+        default=None,
+        help="jsonl with a `prompt` field per line (optional `response`: then no generation), or "
+        "a verl parquet such as `verl-anchor data gsm8k` writes; "
+        "default: the demo policy's first six held-out Countdown problems (short prompt)",
+    )
     parser.add_argument("--limit", type=bounded_int(1), default=None, help="use only the first LIMIT prompts")
     parser.add_argument("--out", type=out_dir, required=True, help="output directory")
-    parser.add_argument("--max-new-tokens", type=bounded_int(1, MAX_NEW_TOKENS, "longer than any model's context"),
-                        default=max_new_tokens, help=f"response length limit (at most {MAX_NEW_TOKENS})")
-    parser.add_argument("--temperature", type=temperature, default=0.7,
-                        help="sampling temperature: 0 = greedy, else 0.01 to 100")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=bounded_int(1, MAX_NEW_TOKENS, "longer than any model's context"),
+        default=max_new_tokens,
+        help=f"response length limit (at most {MAX_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--temperature", type=temperature, default=0.7, help="sampling temperature: 0 = greedy, else 0.01 to 100"
+    )
     parser.add_argument("--seed", type=seed, default=0, help="prompt i is sampled with seed + i")
-    parser.add_argument("--num-layers", type=bounded_int(1, MAX_LAYERS, "no model has more layers"), default=None,
-                        help=f"layers captured: this many evenly spaced over the middle third (default "
-                             f"{DEFAULT_NUM_LAYERS}, or all of the middle third when it has fewer; more than it has "
-                             "is refused)")
-    parser.add_argument("--layers", type=layer_list, default=None,
-                        help="capture exactly these layers instead, comma-separated 0-based indices (e.g. 3,7; "
-                             "for hybrid models, whose refusal lists the layers that can be captured)")
+    parser.add_argument(
+        "--num-layers",
+        type=bounded_int(1, MAX_LAYERS, "no model has more layers"),
+        default=None,
+        help=f"layers captured: this many evenly spaced over the middle third (default "
+        f"{DEFAULT_NUM_LAYERS}, or all of the middle third when it has fewer; more than it has "
+        "is refused)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=layer_list,
+        default=None,
+        help="capture exactly these layers instead, comma-separated 0-based indices (e.g. 3,7; "
+        "for hybrid models, whose refusal lists the layers that can be captured)",
+    )
 
 
 def user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -148,8 +178,10 @@ def _jsonl_prompts(path: Path) -> list[dict[str, Any]]:
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise AnalysisError(f"{path}:{lineno}: each line must be a JSON object with a string `prompt`")
         if item.get("response") is not None and not isinstance(item["response"], str):
-            raise AnalysisError(f"{path}:{lineno}: `response` is {type(item['response']).__name__}, expected a string "
-                                "(the response to analyze) or no `response` field (then one is generated)")
+            raise AnalysisError(
+                f"{path}:{lineno}: `response` is {type(item['response']).__name__}, expected a string "
+                "(the response to analyze) or no `response` field (then one is generated)"
+            )
         items.append(item)
     return items
 
@@ -167,8 +199,10 @@ def _parquet_prompts(path: Path) -> list[dict[str, Any]]:
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("content") or "", str) for m in messages
         ):
-            raise AnalysisError(f"{path}: row {index}: `prompt` is {type(messages).__name__}, expected a list of "
-                                "chat messages with text content (verl's schema, as `verl-anchor data` writes)")
+            raise AnalysisError(
+                f"{path}: row {index}: `prompt` is {type(messages).__name__}, expected a list of "
+                "chat messages with text content (verl's schema, as `verl-anchor data` writes)"
+            )
         text = "\n".join(m.get("content") or "" for m in messages if m.get("role") == "user")
         if not text:
             raise AnalysisError(f"{path}: row {index} has no user message in `prompt`")
@@ -252,7 +286,9 @@ class Session:
         self.items = load_prompts(args.prompts, args.limit)
         num_layers = DEFAULT_NUM_LAYERS if args.num_layers is None else args.num_layers
         try:
-            self.cfg = AnchorConfig(fai_h_lo=0, fai_h_hi=None, num_layers=num_layers, layers=getattr(args, "layers", None))
+            self.cfg = AnchorConfig(
+                fai_h_lo=0, fai_h_hi=None, num_layers=num_layers, layers=getattr(args, "layers", None)
+            )
         except ValueError as err:
             raise AnalysisError(f"--num-layers: {err}" if "num_layers" in str(err) else f"--layers: {err}") from err
         self.model, self.tokenizer, self.name = load_model(args)
@@ -260,8 +296,10 @@ class Session:
         self._check_num_layers()
         for index, item in enumerate(self.items):
             if not self.prompt_ids(item["prompt"]):
-                raise AnalysisError(f"prompt {index} is empty and the tokenizer of {self.name} has no chat template "
-                                    "to wrap it: give every prompt some text")
+                raise AnalysisError(
+                    f"prompt {index} is empty and the tokenizer of {self.name} has no chat template "
+                    "to wrap it: give every prompt some text"
+                )
         self.candidates = candidates
         self.device = next(self.model.parameters()).device
 
@@ -272,18 +310,23 @@ class Session:
         if asked is None or self.cfg.layers is not None or asked <= len(self.capture.layers):
             return
         got = self.capture.layers
-        raise AnalysisError(f"--num-layers {asked} is more layers than the middle third of {self.name} has: "
-                            f"{len(got)} ({', '.join(map(str, got))}); use --num-layers {len(got)} or fewer, "
-                            "or --layers to choose layers anywhere in the model")
+        raise AnalysisError(
+            f"--num-layers {asked} is more layers than the middle third of {self.name} has: "
+            f"{len(got)} ({', '.join(map(str, got))}); use --num-layers {len(got)} or fewer, "
+            "or --layers to choose layers anywhere in the model"
+        )
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt as the model sees it: the chat template when the tokenizer has one."""
         if getattr(self.tokenizer, "chat_template", None):
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                        add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    def generate(self, prefixes: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
+    def generate(
+        self, prefixes: list[list[int]], max_new_tokens: int, temperature: float, seed: int
+    ) -> list[list[int]]:
         """Continuations of equal-length `prefixes` in one batch, each cut after its end-of-sequence token."""
         if len({len(p) for p in prefixes}) != 1:
             raise ValueError("generate takes prefixes of one length (no padding)")
@@ -293,10 +336,15 @@ class Session:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         with torch.no_grad():
-            out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                                      pad_token_id=pad, **sampling)
+            out = self.model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                **sampling,
+            )
         continuations = []
-        for row in out[:, inputs.shape[1]:].tolist():
+        for row in out[:, inputs.shape[1] :].tolist():
             if eos is not None and eos in row:  # keep the eos, drop the padding after it
                 row = row[: row.index(eos) + 1]
             continuations.append(row)
@@ -316,7 +364,9 @@ class Session:
                 (response,) = self.generate([ids], args.max_new_tokens, args.temperature, args.seed + i)
             yield self.analyze(i, item["prompt"], ids, response, generated=not isinstance(given, str))
 
-    def analyze(self, index: int, prompt: str, ids: list[int], response: list[int], generated: bool) -> ResponseAnalysis:
+    def analyze(
+        self, index: int, prompt: str, ids: list[int], response: list[int], generated: bool
+    ) -> ResponseAnalysis:
         """One forward of prompt + response under the capture, and every signal of the response."""
         full = torch.tensor([ids + response], device=self.device)
         prompt_len, n = len(ids), len(response)
@@ -335,10 +385,21 @@ class Session:
         anchor = select_tokens(signals.fai, RATIO).nonzero().flatten().tolist()
         pooled = None if stats.attention_map is None else stats.attention_map.float().cpu()
         return ResponseAnalysis(
-            index=index, prompt=prompt, prompt_ids=ids, token_ids=response,
-            tokens=[self.tokenizer.decode([t]) for t in response], generated=generated, head=head,
-            entropy=entropy, signals=signals, local_heads=local_heads, global_heads=global_heads,
-            preplan=preplan, anchor=anchor, candidates=candidates, attention_map=pooled,
+            index=index,
+            prompt=prompt,
+            prompt_ids=ids,
+            token_ids=response,
+            tokens=[self.tokenizer.decode([t]) for t in response],
+            generated=generated,
+            head=head,
+            entropy=entropy,
+            signals=signals,
+            local_heads=local_heads,
+            global_heads=global_heads,
+            preplan=preplan,
+            anchor=anchor,
+            candidates=candidates,
+            attention_map=pooled,
         )
 
     def _predictions(self, logits: torch.Tensor, rows: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -359,8 +420,14 @@ class Session:
 
     def meta(self) -> dict[str, Any]:
         """What produced the results (model, layers, analysis config, sampling), for the JSON outputs."""
-        return {"model": self.name, "layers": self.capture.layers, "config": self.cfg.to_dict(), "ratio": RATIO,
-                "seed": self.args.seed, "temperature": self.args.temperature}
+        return {
+            "model": self.name,
+            "layers": self.capture.layers,
+            "config": self.cfg.to_dict(),
+            "ratio": RATIO,
+            "seed": self.args.seed,
+            "temperature": self.args.temperature,
+        }
 
 
 def write_json(payload: dict[str, Any], path: Path) -> None:

@@ -31,9 +31,9 @@ from verl_anchor.analysis.common import (
     ResponseAnalysis,
     Session,
     add_arguments,
-    make_out,
     check_options,
     floats,
+    make_out,
     print_table,
     user_errors,
     write_json,
@@ -57,20 +57,26 @@ class PeakOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_options([("peak-quantile", self.quantile, 0 < self.quantile <= 1, "a number in (0, 1]"),
-                       ("peak-radius", self.radius, self.radius >= 0, "an integer >= 0"),
-                       ("peak-window", self.window, self.window >= 0, "an integer >= 0 (0 = raw values)"),
-                       ("min-future", self.min_future, self.min_future >= 0, "an integer >= 0"),
-                       ("max-lag", self.max_lag, self.max_lag >= 0, "an integer >= 0"),
-                       ("match-radius", self.match_radius, self.match_radius >= 0, "an integer >= 0"),
-                       ("receivers", self.receivers, self.receivers is None or self.receivers >= 1, "an integer >= 1"),
-                       ("shuffles", self.shuffles, self.shuffles >= 1, "an integer >= 1")])
+        check_options(
+            [
+                ("peak-quantile", self.quantile, 0 < self.quantile <= 1, "a number in (0, 1]"),
+                ("peak-radius", self.radius, self.radius >= 0, "an integer >= 0"),
+                ("peak-window", self.window, self.window >= 0, "an integer >= 0 (0 = raw values)"),
+                ("min-future", self.min_future, self.min_future >= 0, "an integer >= 0"),
+                ("max-lag", self.max_lag, self.max_lag >= 0, "an integer >= 0"),
+                ("match-radius", self.match_radius, self.match_radius >= 0, "an integer >= 0"),
+                ("receivers", self.receivers, self.receivers is None or self.receivers >= 1, "an integer >= 1"),
+                ("shuffles", self.shuffles, self.shuffles >= 1, "an integer >= 1"),
+            ]
+        )
 
 
 # -- statistics (pure) ---------------------------------------------------------------------
 
-def find_peaks(values: torch.Tensor, quantile: float, radius: int, eligible: torch.Tensor | None = None,
-               window: int = 0) -> torch.Tensor:
+
+def find_peaks(
+    values: torch.Tensor, quantile: float, radius: int, eligible: torch.Tensor | None = None, window: int = 0
+) -> torch.Tensor:
     """Peak positions of a 1-D signal (module doc), sorted.
 
     With `window > 0` each value is first taken relative to the mean of the usable values within
@@ -118,8 +124,15 @@ def count_matched(targets: torch.Tensor, sources: torch.Tensor, lo: int, hi: int
     return int(((offset >= lo) & (offset <= hi)).any(dim=1).sum())
 
 
-def shuffled_matched(targets: torch.Tensor, num_sources: int, positions: torch.Tensor, lo: int, hi: int,
-                     shuffles: int, generator: torch.Generator) -> float:
+def shuffled_matched(
+    targets: torch.Tensor,
+    num_sources: int,
+    positions: torch.Tensor,
+    lo: int,
+    hi: int,
+    shuffles: int,
+    generator: torch.Generator,
+) -> float:
     """Mean `count_matched` when the `num_sources` sources sit at random distinct `positions`."""
     if targets.numel() == 0 or num_sources == 0:
         return 0.0
@@ -151,33 +164,70 @@ def receiver_heads(mean_kurtosis: torch.Tensor, count: int) -> torch.Tensor:
 
 # -- command -------------------------------------------------------------------------------
 
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, max_new_tokens=128)
     defaults = PeakOptions()
-    parser.add_argument("--peak-quantile", type=float, default=defaults.quantile,
-                        help="a peak is among this top share of a response's values")
-    parser.add_argument("--peak-radius", type=int, default=defaults.radius,
-                        help="a peak is the largest value within this many positions on either side")
-    parser.add_argument("--peak-window", type=int, default=defaults.window,
-                        help="peaks are ranked relative to the signal's mean within this many positions (0: raw)")
-    parser.add_argument("--min-future", type=int, default=defaults.min_future,
-                        help="FAI is read only at positions followed by at least this many response tokens")
-    parser.add_argument("--max-lag", type=int, default=defaults.max_lag,
-                        help="an FAI peak follows a WAAD peak when it is 0..max-lag tokens after it")
-    parser.add_argument("--match-radius", type=int, default=defaults.match_radius,
-                        help="a receiver-head FAI peak co-occurs with a global one within this many tokens")
-    parser.add_argument("--receivers", type=int, default=None,
-                        help="number of receiver heads (default: the size of the global group)")
-    parser.add_argument("--shuffles", type=bounded_int(1, MAX_SHUFFLES, "the baselines' error is already tiny; more "
-                                                        "only takes longer"), default=defaults.shuffles,
-                        help=f"random placements for the baselines (at most {MAX_SHUFFLES})")
+    parser.add_argument(
+        "--peak-quantile",
+        type=float,
+        default=defaults.quantile,
+        help="a peak is among this top share of a response's values",
+    )
+    parser.add_argument(
+        "--peak-radius",
+        type=int,
+        default=defaults.radius,
+        help="a peak is the largest value within this many positions on either side",
+    )
+    parser.add_argument(
+        "--peak-window",
+        type=int,
+        default=defaults.window,
+        help="peaks are ranked relative to the signal's mean within this many positions (0: raw)",
+    )
+    parser.add_argument(
+        "--min-future",
+        type=int,
+        default=defaults.min_future,
+        help="FAI is read only at positions followed by at least this many response tokens",
+    )
+    parser.add_argument(
+        "--max-lag",
+        type=int,
+        default=defaults.max_lag,
+        help="an FAI peak follows a WAAD peak when it is 0..max-lag tokens after it",
+    )
+    parser.add_argument(
+        "--match-radius",
+        type=int,
+        default=defaults.match_radius,
+        help="a receiver-head FAI peak co-occurs with a global one within this many tokens",
+    )
+    parser.add_argument(
+        "--receivers", type=int, default=None, help="number of receiver heads (default: the size of the global group)"
+    )
+    parser.add_argument(
+        "--shuffles",
+        type=bounded_int(1, MAX_SHUFFLES, "the baselines' error is already tiny; more only takes longer"),
+        default=defaults.shuffles,
+        help=f"random placements for the baselines (at most {MAX_SHUFFLES})",
+    )
 
 
 @user_errors
 def run(args: argparse.Namespace) -> int:
-    options = PeakOptions(quantile=args.peak_quantile, radius=args.peak_radius, window=args.peak_window,
-                          min_future=args.min_future, max_lag=args.max_lag, match_radius=args.match_radius,
-                          receivers=args.receivers, shuffles=args.shuffles, seed=args.seed)
+    options = PeakOptions(
+        quantile=args.peak_quantile,
+        radius=args.peak_radius,
+        window=args.peak_window,
+        min_future=args.min_future,
+        max_lag=args.max_lag,
+        match_radius=args.match_radius,
+        receivers=args.receivers,
+        shuffles=args.shuffles,
+        seed=args.seed,
+    )
     out = make_out(args)
     session = Session(args)
     responses = list(session.analyses("coupling"))
@@ -209,26 +259,34 @@ def coupling_statistics(responses: list[ResponseAnalysis], options: PeakOptions)
         return sum(row[hits] for row in rows) / total if total else None
 
     waad_peaks = sum(len(row["waad_peaks"]) for row in rows)
-    summary.update({
-        "mean_entropy": sum(row["entropy_sum"] for row in rows) / sum(row["tokens"] for row in rows),
-        "mean_entropy_at_waad_peaks": sum(row["entropy_at_waad_peaks_sum"] for row in rows) / waad_peaks
-        if waad_peaks else None,
-        "fai_peaks_after_waad_peaks": share("fai_after_waad", "fai_peaks"),
-        "fai_peaks_after_waad_peaks_shuffled": share("fai_after_waad_shuffled", "fai_peaks"),
-        "receiver_peaks_at_global_peaks": share("receiver_at_global", "receiver_peaks"),
-        "receiver_peaks_at_global_peaks_shuffled": share("receiver_at_global_shuffled", "receiver_peaks"),
-        "receiver_heads_in_global_group": sum(row["receivers_in_global_group"] for row in rows) / len(rows),
-        "global_group_share_of_heads": usable[0].global_heads.numel() / usable[0].head.span.numel(),
-        "waad_peaks": waad_peaks,
-        "fai_peaks": sum(len(row["fai_peaks"]) for row in rows),
-        "receiver_peaks": sum(len(row["receiver_peaks"]) for row in rows),
-    })
-    return {"summary": summary, "receiver_heads": receivers.tolist(), "receiver_kurtosis": floats(mean_kurtosis),
-            "per_prompt": rows}
+    summary.update(
+        {
+            "mean_entropy": sum(row["entropy_sum"] for row in rows) / sum(row["tokens"] for row in rows),
+            "mean_entropy_at_waad_peaks": sum(row["entropy_at_waad_peaks_sum"] for row in rows) / waad_peaks
+            if waad_peaks
+            else None,
+            "fai_peaks_after_waad_peaks": share("fai_after_waad", "fai_peaks"),
+            "fai_peaks_after_waad_peaks_shuffled": share("fai_after_waad_shuffled", "fai_peaks"),
+            "receiver_peaks_at_global_peaks": share("receiver_at_global", "receiver_peaks"),
+            "receiver_peaks_at_global_peaks_shuffled": share("receiver_at_global_shuffled", "receiver_peaks"),
+            "receiver_heads_in_global_group": sum(row["receivers_in_global_group"] for row in rows) / len(rows),
+            "global_group_share_of_heads": usable[0].global_heads.numel() / usable[0].head.span.numel(),
+            "waad_peaks": waad_peaks,
+            "fai_peaks": sum(len(row["fai_peaks"]) for row in rows),
+            "receiver_peaks": sum(len(row["receiver_peaks"]) for row in rows),
+        }
+    )
+    return {
+        "summary": summary,
+        "receiver_heads": receivers.tolist(),
+        "receiver_kurtosis": floats(mean_kurtosis),
+        "per_prompt": rows,
+    }
 
 
-def _response_row(r: ResponseAnalysis, horizon: int, receivers: torch.Tensor, options: PeakOptions,
-                  generator: torch.Generator) -> dict[str, Any]:
+def _response_row(
+    r: ResponseAnalysis, horizon: int, receivers: torch.Tensor, options: PeakOptions, generator: torch.Generator
+) -> dict[str, Any]:
     """One response's peaks and matched counts (observed and expected under shuffling)."""
     n = len(r.token_ids)
     eligible = torch.arange(n) < horizon
@@ -246,24 +304,41 @@ def _response_row(r: ResponseAnalysis, horizon: int, receivers: torch.Tensor, op
         "fai_peaks": fai_peaks.tolist(),
         "receiver_peaks": receiver_peaks.tolist(),
         "fai_after_waad": count_matched(fai_peaks, waad_peaks, 0, lag),
-        "fai_after_waad_shuffled": shuffled_matched(fai_peaks, waad_peaks.numel(), torch.arange(n), 0, lag,
-                                                    shuffles, generator),
+        "fai_after_waad_shuffled": shuffled_matched(
+            fai_peaks, waad_peaks.numel(), torch.arange(n), 0, lag, shuffles, generator
+        ),
         "receiver_at_global": count_matched(receiver_peaks, fai_peaks, -radius, radius),
-        "receiver_at_global_shuffled": shuffled_matched(receiver_peaks, fai_peaks.numel(), torch.arange(horizon),
-                                                        -radius, radius, shuffles, generator),
+        "receiver_at_global_shuffled": shuffled_matched(
+            receiver_peaks, fai_peaks.numel(), torch.arange(horizon), -radius, radius, shuffles, generator
+        ),
         "receivers_in_global_group": len(set(receivers.tolist()) & set(r.global_heads.tolist())) / receivers.numel(),
     }
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    print_table(f"coupling over {summary['prompts_used']} of {summary['prompts']} responses",
-                ["statistic", "observed", "baseline"], [
-        ["mean entropy at WAAD peaks (baseline: all tokens)",
-         summary.get("mean_entropy_at_waad_peaks"), summary.get("mean_entropy")],
-        ["FAI peaks at/after a WAAD peak (baseline: shuffled WAAD peaks)",
-         summary.get("fai_peaks_after_waad_peaks"), summary.get("fai_peaks_after_waad_peaks_shuffled")],
-        ["receiver-head FAI peaks at a global-head FAI peak (baseline: shuffled)",
-         summary.get("receiver_peaks_at_global_peaks"), summary.get("receiver_peaks_at_global_peaks_shuffled")],
-        ["receiver heads in the global group (baseline: its share of heads)",
-         summary.get("receiver_heads_in_global_group"), summary.get("global_group_share_of_heads")],
-    ])
+    print_table(
+        f"coupling over {summary['prompts_used']} of {summary['prompts']} responses",
+        ["statistic", "observed", "baseline"],
+        [
+            [
+                "mean entropy at WAAD peaks (baseline: all tokens)",
+                summary.get("mean_entropy_at_waad_peaks"),
+                summary.get("mean_entropy"),
+            ],
+            [
+                "FAI peaks at/after a WAAD peak (baseline: shuffled WAAD peaks)",
+                summary.get("fai_peaks_after_waad_peaks"),
+                summary.get("fai_peaks_after_waad_peaks_shuffled"),
+            ],
+            [
+                "receiver-head FAI peaks at a global-head FAI peak (baseline: shuffled)",
+                summary.get("receiver_peaks_at_global_peaks"),
+                summary.get("receiver_peaks_at_global_peaks_shuffled"),
+            ],
+            [
+                "receiver heads in the global group (baseline: its share of heads)",
+                summary.get("receiver_heads_in_global_group"),
+                summary.get("global_group_share_of_heads"),
+            ],
+        ],
+    )

@@ -39,14 +39,16 @@ from verl_anchor.usage import bounded_int, positive_int
 MAX_CANDIDATES = 100
 
 # Function words carry no content; numbers do (they are the reasoning in math problems).
-STOP_WORDS = frozenset("""
+STOP_WORDS = frozenset(
+    """
 a about above after again against all am an and any are as at be because been before being below between
 both but by can could did do does doing down during each few for from further had has have having he her here
 hers herself him himself his how i if in into is it its itself just let lets me more most my myself no nor not
 now of off on once only or other our ours ourselves out over own same she should so some such than that the
 their theirs them themselves then there these they this those through to too under until up very was we were
 what when where which while who whom why will with would you your yours yourself yourselves s t
-""".split())
+""".split()
+)
 
 _WORD = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
 
@@ -79,13 +81,21 @@ def fai_positions(fai: torch.Tensor, min_future: int, count: int) -> tuple[list[
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, max_new_tokens=128)
     parser.add_argument("--positions", type=positive_int, default=3, help="high- and low-FAI positions per response")
-    parser.add_argument("--candidates", type=bounded_int(1, MAX_CANDIDATES, "each is one more sequence in every "
-                                                          "position's batched generation"), default=3,
-                        help=f"alternative tokens forced at each position (at most {MAX_CANDIDATES})")
-    parser.add_argument("--continuation-tokens", type=positive_int, default=64,
-                        help="greedy tokens after each forced token")
-    parser.add_argument("--min-future", type=bounded_int(0), default=10,
-                        help="positions need at least this many response tokens after them")
+    parser.add_argument(
+        "--candidates",
+        type=bounded_int(1, MAX_CANDIDATES, "each is one more sequence in every position's batched generation"),
+        default=3,
+        help=f"alternative tokens forced at each position (at most {MAX_CANDIDATES})",
+    )
+    parser.add_argument(
+        "--continuation-tokens", type=positive_int, default=64, help="greedy tokens after each forced token"
+    )
+    parser.add_argument(
+        "--min-future",
+        type=bounded_int(0),
+        default=10,
+        help="positions need at least this many response tokens after them",
+    )
 
 
 @user_errors
@@ -95,9 +105,15 @@ def run(args: argparse.Namespace) -> int:
     session = Session(args, candidates=args.candidates + 3)
     problems = [perturb_response(session, analysis, args) for analysis in session.analyses("perturb")]
     summary = summarise(problems)
-    write_json({**session.meta(), "options": {k: getattr(args, k) for k in
-                ("positions", "candidates", "continuation_tokens", "min_future")},
-                "summary": summary, "problems": problems}, out / "perturb.json")
+    write_json(
+        {
+            **session.meta(),
+            "options": {k: getattr(args, k) for k in ("positions", "candidates", "continuation_tokens", "min_future")},
+            "summary": summary,
+            "problems": problems,
+        },
+        out / "perturb.json",
+    )
     print_summary(summary)
     print(f"wrote {out / 'perturb.json'}")
     return 0
@@ -117,25 +133,46 @@ def perturb_response(session: Session, r: ResponseAnalysis, args: argparse.Names
             texts = [session.tokenizer.decode(run, skip_special_tokens=True) for run in runs]
             reference = content_words(texts[0])
             for token, text in zip(forced, texts[1:]):
-                trials.append({"group": group, "position": t, "fai": float(r.signals.fai[t]),
-                               "token_id": own, "token": session.tokenizer.decode([own]),
-                               "forced_id": token, "forced": session.tokenizer.decode([token]),
-                               "reference": texts[0], "continuation": text,
-                               "jaccard": jaccard(reference, content_words(text))})
+                trials.append(
+                    {
+                        "group": group,
+                        "position": t,
+                        "fai": float(r.signals.fai[t]),
+                        "token_id": own,
+                        "token": session.tokenizer.decode([own]),
+                        "forced_id": token,
+                        "forced": session.tokenizer.decode([token]),
+                        "reference": texts[0],
+                        "continuation": text,
+                        "jaccard": jaccard(reference, content_words(text)),
+                    }
+                )
     means = {}
     for group in ("high", "low"):
         values = [trial["jaccard"] for trial in trials if trial["group"] == group]
         means[group] = sum(values) / len(values) if values else None
-    return {"index": r.index, "tokens": len(r.token_ids), "high_positions": high, "low_positions": low,
-            "jaccard_high": means["high"], "jaccard_low": means["low"], "trials": trials}
+    return {
+        "index": r.index,
+        "tokens": len(r.token_ids),
+        "high_positions": high,
+        "low_positions": low,
+        "jaccard_high": means["high"],
+        "jaccard_low": means["low"],
+        "trials": trials,
+    }
 
 
 def summarise(problems: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over problems of each problem's mean Jaccard, and the share of problems with high < low."""
     both = [p for p in problems if p["jaccard_high"] is not None and p["jaccard_low"] is not None]
     if not both:
-        return {"problems": len(problems), "problems_used": 0, "jaccard_high": None, "jaccard_low": None,
-                "share_high_below_low": None}
+        return {
+            "problems": len(problems),
+            "problems_used": 0,
+            "jaccard_high": None,
+            "jaccard_low": None,
+            "share_high_below_low": None,
+        }
     return {
         "problems": len(problems),
         "problems_used": len(both),
@@ -146,9 +183,12 @@ def summarise(problems: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    print_table(f"perturbation over {summary['problems_used']} of {summary['problems']} responses",
-                ["statistic", "value"], [
-        ["mean content-word Jaccard, high-FAI positions", summary["jaccard_high"]],
-        ["mean content-word Jaccard, low-FAI positions", summary["jaccard_low"]],
-        ["share of problems where high < low", summary["share_high_below_low"]],
-    ])
+    print_table(
+        f"perturbation over {summary['problems_used']} of {summary['problems']} responses",
+        ["statistic", "value"],
+        [
+            ["mean content-word Jaccard, high-FAI positions", summary["jaccard_high"]],
+            ["mean content-word Jaccard, low-FAI positions", summary["jaccard_low"]],
+            ["share of problems where high < low", summary["share_high_below_low"]],
+        ],
+    )

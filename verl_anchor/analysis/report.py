@@ -23,8 +23,8 @@ from verl_anchor.analysis.common import (
     ResponseAnalysis,
     Session,
     add_arguments,
-    make_out,
     check_options,
+    make_out,
     user_errors,
     write_json,
 )
@@ -32,8 +32,12 @@ from verl_anchor.analysis.common import (
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
-    parser.add_argument("--map-bins", type=int, default=256,
-                        help="attention maps pool the response into at most this many rows and columns")
+    parser.add_argument(
+        "--map-bins",
+        type=int,
+        default=256,
+        help="attention maps pool the response into at most this many rows and columns",
+    )
 
 
 @user_errors
@@ -52,12 +56,15 @@ def run(args: argparse.Namespace) -> int:
     write_json(payload, out / "metrics.json")
     write_csv(results, out / "tokens.csv")
     (out / "report.html").write_text(render_html(payload, out), encoding="utf-8")
-    print(f"wrote {out / 'report.html'}, metrics.json, tokens.csv, curves_*.png and attention_*.png "
-          f"for {len(results)} prompt(s)")
+    print(
+        f"wrote {out / 'report.html'}, metrics.json, tokens.csv, curves_*.png and attention_*.png "
+        f"for {len(results)} prompt(s)"
+    )
     return 0
 
 
 # -- outputs -------------------------------------------------------------------------------
+
 
 def write_csv(results: list[dict[str, Any]], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -66,8 +73,19 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
         for r in results:
             pre, anc = set(r["preplan"]), set(r["anchor"])
             for j, (tid, tok) in enumerate(zip(r["token_ids"], r["tokens"])):
-                writer.writerow([r["index"], j, tid, tok, r["waad"][j], _csv(r["fai"][j]), r["entropy"][j],
-                                 int(j in pre), int(j in anc)])
+                writer.writerow(
+                    [
+                        r["index"],
+                        j,
+                        tid,
+                        tok,
+                        r["waad"][j],
+                        _csv(r["fai"][j]),
+                        r["entropy"][j],
+                        int(j in pre),
+                        int(j in anc),
+                    ]
+                )
 
 
 def _pyplot() -> Any:
@@ -83,9 +101,11 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(10, 6), sharex=True)
     x = list(range(len(result["tokens"])))
-    series = [("WAAD (local heads)", result["waad"], "tab:blue", result["preplan"]),
-              ("FAI (global heads)", result["fai"], "tab:red", result["anchor"]),
-              ("entropy (nats)", result["entropy"], "tab:green", [])]
+    series = [
+        ("WAAD (local heads)", result["waad"], "tab:blue", result["preplan"]),
+        ("FAI (global heads)", result["fai"], "tab:red", result["anchor"]),
+        ("entropy (nats)", result["entropy"], "tab:green", []),
+    ]
     for ax, (label, values, colour, marks) in zip(axes, series):
         ys = [math.nan if v is None else v for v in values]
         ax.plot(x, ys, color=colour, lw=1)
@@ -111,8 +131,10 @@ def plot_attention_maps(analysis: ResponseAnalysis, path: Path) -> None:
     n = len(analysis.token_ids)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     pooled = analysis.attention_map
-    for ax, (label, heads) in zip(axes, [("local heads (shortest span)", analysis.local_heads),
-                                         ("global heads (longest span)", analysis.global_heads)]):
+    for ax, (label, heads) in zip(
+        axes,
+        [("local heads (shortest span)", analysis.local_heads), ("global heads (longest span)", analysis.global_heads)],
+    ):
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("key (response token)")
         ax.set_ylabel("query (response token)")
@@ -124,9 +146,13 @@ def plot_attention_maps(analysis: ResponseAnalysis, path: Path) -> None:
         positive = grid[grid > 0]
         floor = max(float(positive.min()), 1e-6) if positive.numel() else 1e-6
         cmap = plt.get_cmap("viridis").with_extremes(bad="white")
-        image = ax.imshow(torch.where(grid > 0, grid.clamp(min=floor), math.nan).numpy(), cmap=cmap,
-                          norm=LogNorm(vmin=floor, vmax=max(float(grid.max()), floor * 10)),
-                          extent=(0, n, n, 0), interpolation="nearest")
+        image = ax.imshow(
+            torch.where(grid > 0, grid.clamp(min=floor), math.nan).numpy(),
+            cmap=cmap,
+            norm=LogNorm(vmin=floor, vmax=max(float(grid.max()), floor * 10)),
+            extent=(0, n, n, 0),
+            interpolation="nearest",
+        )
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="attention (mean over heads)")
     bins = 0 if pooled is None else pooled.shape[-1]
     pooled_note = f", pooled to {bins} x {bins} cells" if 0 < bins < n else ""
@@ -173,7 +199,8 @@ def render_html(payload: dict[str, Any], out: Path | None = None) -> str:
         "<p class='warn'>This is the small demo policy (<code>--demo</code>): a 1.4M-parameter model trained for a few "
         "minutes on Countdown, which solves only some of these problems; its attention shows what a model this small "
         "learns, not a large model's rhythm. Run with <code>--model</code> for a real model.</p>"
-        if payload.get("demo") else "",
+        if payload.get("demo")
+        else "",
         f"<p>model: <code>{esc(str(payload['model']))}</code>, layers {esc(str(payload['layers']))}; "
         "WAAD averaged over the local (shortest-span) heads, FAI over the global (longest-span) heads; "
         f"marks = top {payload['ratio']:.0%} of WAAD jumps / FAI.</p>",
@@ -186,20 +213,26 @@ def render_html(payload: dict[str, Any], out: Path | None = None) -> str:
     for r in payload["prompts"]:
         pre, anc = set(r["preplan"]), set(r["anchor"])
         parts.append(f"<section><h2>Prompt {r['index']}</h2><div class='prompt'>{esc(r['prompt'])}</div>")
-        parts.append(f"<p class='key'>{len(r['tokens'])} response tokens ({'generated' if r['generated'] else 'given'}); "
-                     f"mean span local {_fmt(r['span_loc'])}, global {_fmt(r['span_glob'])}; "
-                     f"local heads {r['local_heads']}, global heads {r['global_heads']}</p>")
+        parts.append(
+            f"<p class='key'>{len(r['tokens'])} response tokens ({'generated' if r['generated'] else 'given'}); "
+            f"mean span local {_fmt(r['span_loc'])}, global {_fmt(r['span_glob'])}; "
+            f"local heads {r['local_heads']}, global heads {r['global_heads']}</p>"
+        )
         spans = []
         for j, tok in enumerate(r["tokens"]):
             classes = "tok" + (" preplan" if j in pre else "") + (" anchor" if j in anc else "")
             w, f, e = r["waad"][j], r["fai"][j], r["entropy"][j]
             title = f"#{j} id={r['token_ids'][j]} WAAD={_fmt(w)} FAI={_fmt(f)} entropy={_fmt(e)}"
             title += (" preplan" if j in pre else "") + (" anchor" if j in anc else "")
-            spans.append(f'<span class="{classes}" data-waad="{_fmt(w)}" data-fai="{_fmt(f)}" '
-                         f'data-ent="{_fmt(e)}" title="{esc(title)}">{esc(tok)}</span>')
+            spans.append(
+                f'<span class="{classes}" data-waad="{_fmt(w)}" data-fai="{_fmt(f)}" '
+                f'data-ent="{_fmt(e)}" title="{esc(title)}">{esc(tok)}</span>'
+            )
         parts.append(f"<div class='resp'>{''.join(spans)}")  # no separators: the response is pre-wrap
-        figures = [_embedded_png(out, f"curves_{r['index']}.png", "WAAD, FAI and entropy curves"),
-                   _embedded_png(out, f"attention_{r['index']}.png", "attention maps of the local and global heads")]
+        figures = [
+            _embedded_png(out, f"curves_{r['index']}.png", "WAAD, FAI and entropy curves"),
+            _embedded_png(out, f"attention_{r['index']}.png", "attention maps of the local and global heads"),
+        ]
         parts.append(f"</div>{''.join(figures)}</section>")
     parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)

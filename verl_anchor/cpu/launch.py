@@ -63,15 +63,27 @@ def run_main_ppo(
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # the launcher's pid first: a test finds its run by it
     locks = tuple(_held_locks.values())
-    guardian = subprocess.Popen([sys.executable, "-I", guardian_module.__file__, run_id, ray_tmp],
-                                stdin=subprocess.PIPE, start_new_session=True, pass_fds=locks)
+    guardian = subprocess.Popen(
+        [sys.executable, "-I", guardian_module.__file__, run_id, ray_tmp],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+        pass_fds=locks,
+    )
     env = {**os.environ, **cpu_env(), "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", guardian_module.MARKER: run_id}
     with _signals_interrupt():
         try:
             with open(log_path, "w", buffering=1) as log_file:  # line by line: the log can be followed
-                proc = subprocess.Popen([sys.executable, "-m", "verl.trainer.main_ppo", *overrides], env=env,
-                                        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        errors="replace", start_new_session=True, pass_fds=locks)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "verl.trainer.main_ppo", *overrides],
+                    env=env,
+                    cwd=workdir,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    errors="replace",
+                    start_new_session=True,
+                    pass_fds=locks,
+                )
                 # The driver's process group holds the Ray processes too: killing it ends the output.
                 watchdog = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
                 watchdog.daemon = True  # never keeps a stopped command alive
@@ -148,9 +160,11 @@ def hold_output_dir(path: Path) -> None:
         holders = [str(pid) for pid in _lock_holders(lock_file)]
         # The command that took it, while it lives (stopping it stops its run); else what is left of its run.
         holders = ", ".join([recorded] if recorded in holders or not holders else holders)
-        raise OutputDirBusy(f"{path} is in use by process {holders} (a verl-anchor command, or the verl run it "
-                            f"started, still writes there): wait for it to end, or stop it (kill {holders}), "
-                            "then run again") from None
+        raise OutputDirBusy(
+            f"{path} is in use by process {holders} (a verl-anchor command, or the verl run it "
+            f"started, still writes there): wait for it to end, or stop it (kill {holders}), "
+            "then run again"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held_locks[path] = fd

@@ -222,7 +222,10 @@ def _with_cpu_attention(original: Callable[..., Any]) -> Callable[..., Any]:
         from transformers import AutoModelForTokenClassification
 
         return AutoModelForTokenClassification.from_pretrained(
-            local_path, torch_dtype=torch_dtype, config=model_config, trust_remote_code=trust_remote_code,
+            local_path,
+            torch_dtype=torch_dtype,
+            config=model_config,
+            trust_remote_code=trust_remote_code,
             attn_implementation=getattr(model_config, "_attn_implementation", None) or "sdpa",
         )
 

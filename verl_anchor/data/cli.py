@@ -28,15 +28,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     group = parser.add_argument_group("countdown")
     group.add_argument("--seed", type=seed, default=0, help="generator seed (default 0)")
-    group.add_argument("--train-size", type=_SIZE, default=20_000,
-                       help=f"train problems (default 20000; train + test at most {MAX_PROBLEMS})")
+    group.add_argument(
+        "--train-size",
+        type=_SIZE,
+        default=20_000,
+        help=f"train problems (default 20000; train + test at most {MAX_PROBLEMS})",
+    )
     group.add_argument("--test-size", type=_SIZE, default=512, help="test problems (default 512)")
     group.add_argument("--min-numbers", type=_COUNT, default=3, help="fewest numbers per problem (default 3)")
-    group.add_argument("--max-numbers", type=_COUNT, default=4, help=f"most numbers per problem (default 4, at most {MAX_COUNT})")
+    group.add_argument(
+        "--max-numbers", type=_COUNT, default=4, help=f"most numbers per problem (default 4, at most {MAX_COUNT})"
+    )
     group.add_argument("--max-target", type=_VALUE, default=1000, help="largest target (default 1000)")
     group.add_argument("--max-number", type=_VALUE, default=100, help="largest number (default 100)")
-    group.add_argument("--prompt-style", choices=["tinyzero", "short"], default="tinyzero",
-                       help="TinyZero's instruction (the recipes') or the short one of the CPU demo policy")
+    group.add_argument(
+        "--prompt-style",
+        choices=["tinyzero", "short"],
+        default="tinyzero",
+        help="TinyZero's instruction (the recipes') or the short one of the CPU demo policy",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

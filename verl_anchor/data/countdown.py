@@ -104,7 +104,13 @@ def _random_problem(rng: random.Random, count: int, max_target: int, max_number:
 
 
 def _draw_unique(
-    rng: random.Random, count: int, seen: set, min_numbers: int, max_numbers: int, max_target: int, max_number: int,
+    rng: random.Random,
+    count: int,
+    seen: set,
+    min_numbers: int,
+    max_numbers: int,
+    max_target: int,
+    max_number: int,
     bar: tqdm,
 ) -> list[CountdownProblem]:
     problems: list[CountdownProblem] = []
@@ -157,9 +163,11 @@ def generate_countdown(
             f"{min_numbers}-{max_numbers} numbers and targets <= {max_target}; ask for fewer or widen the ranges"
         )
     if train_size + test_size > MAX_PROBLEMS:
-        raise DataError(f"countdown: asked for {train_size} train + {test_size} test problems, more than the "
-                        f"{MAX_PROBLEMS} one set can have (all are held in memory, about 3 GB per million); "
-                        "ask for fewer")
+        raise DataError(
+            f"countdown: asked for {train_size} train + {test_size} test problems, more than the "
+            f"{MAX_PROBLEMS} one set can have (all are held in memory, about 3 GB per million); "
+            "ask for fewer"
+        )
     seen: set = set()
     with tqdm(total=train_size + test_size, desc="countdown", unit="problem", disable=None) as bar:
         # String seeds are hashed with SHA-512 by `random`, so the streams are the same on every run.
@@ -176,8 +184,13 @@ def countdown_prompt(numbers: Sequence[int], target: int, style: str = "tinyzero
     """The Countdown instruction as a chat prompt: TinyZero's (the recipes'), or a short one with the same
     answer format (~48 tokens with the tiny tokenizer instead of ~114: what a small CPU policy can learn)."""
     if style == "short":
-        return [{"role": "user", "content": f"Make {target} from {list(numbers)} with + - * /, each number once. "
-                                            "Think step by step, then answer in <answer> </answer>."}]
+        return [
+            {
+                "role": "user",
+                "content": f"Make {target} from {list(numbers)} with + - * /, each number once. "
+                "Think step by step, then answer in <answer> </answer>.",
+            }
+        ]
     if style != "tinyzero":
         raise DataError(f"countdown: unknown prompt style {style!r}; use one of {', '.join(PROMPT_STYLES)}")
     content = (
@@ -189,7 +202,9 @@ def countdown_prompt(numbers: Sequence[int], target: int, style: str = "tinyzero
     return [{"role": "user", "content": content}]
 
 
-def countdown_rows(problems: Iterable[CountdownProblem], split: str, prompt_style: str = "tinyzero") -> list[dict[str, Any]]:
+def countdown_rows(
+    problems: Iterable[CountdownProblem], split: str, prompt_style: str = "tinyzero"
+) -> list[dict[str, Any]]:
     """verl rows for Countdown problems."""
     rows = []
     for index, p in enumerate(problems):
@@ -212,8 +227,9 @@ def countdown_rows(problems: Iterable[CountdownProblem], split: str, prompt_styl
     return rows
 
 
-def prepare_countdown(out_dir: Path, train_size: int, test_size: int, seed: int = 0, prompt_style: str = "tinyzero",
-                      **ranges: int) -> dict[str, Path]:
+def prepare_countdown(
+    out_dir: Path, train_size: int, test_size: int, seed: int = 0, prompt_style: str = "tinyzero", **ranges: int
+) -> dict[str, Path]:
     """Write Countdown ``train.parquet`` / ``test.parquet`` (a split of size 0 is not written)."""
     if train_size == 0 and test_size == 0:
         raise DataError("countdown: nothing to write: the train and test sizes are both 0")

@@ -26,6 +26,7 @@ DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 # directory), UnicodeError (not UTF-8), csv.Error, and pyarrow's errors (not parquet, truncated).
 UNREADABLE = (OSError, UnicodeError, csv.Error, pa.ArrowException)
 
+
 def read_file(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     """The rows of one data file; `DataError` naming the file when it cannot be read or decoded."""
     try:

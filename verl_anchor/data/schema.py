@@ -36,4 +36,3 @@ def write_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> 
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write {path}: {err.strerror or err}") from None
-

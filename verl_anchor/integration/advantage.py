@@ -43,8 +43,10 @@ class ResponseBatch:
         lengths = tuple(data["response_mask"].offsets().diff().tolist())
         present = data.keys()
         return cls(
-            advantages=padded(data["advantages"]).float(), trainable=padded(data["response_mask"]).bool(),
-            lengths=lengths, real=real_rows(len(lengths), real),
+            advantages=padded(data["advantages"]).float(),
+            trainable=padded(data["response_mask"]).bool(),
+            lengths=lengths,
+            real=real_rows(len(lengths), real),
             waad=padded(data["anchor_waad"], math.nan).float() if "anchor_waad" in present else None,
             fai=padded(data["anchor_fai"], math.nan).float() if "anchor_fai" in present else None,
             per_sequence=padded(data["anchor_seq"], math.nan).float() if "anchor_seq" in present else None,
@@ -84,8 +86,9 @@ def scale_advantages(
     cfg = settings.cfg
     advantages, real = batch.advantages.float(), batch.real
     lengths = [n if keep else 0 for n, keep in zip(batch.lengths, real.tolist())]
-    gamma, degenerate = batch_gamma(lengths, cfg, waad=batch.waad, fai=batch.fai, entropy=batch.entropy,
-                                    seeds=seeds, trainable=batch.trainable)
+    gamma, degenerate = batch_gamma(
+        lengths, cfg, waad=batch.waad, fai=batch.fai, entropy=batch.entropy, seeds=seeds, trainable=batch.trainable
+    )
     gamma = torch.nn.functional.pad(gamma, (0, advantages.shape[1] - gamma.shape[1]), value=1.0)
     shaped = shape_advantages(advantages, gamma, cfg.sign)
     effective = effective_gamma(advantages, gamma, cfg.sign)  # what shape_advantages multiplied by
@@ -100,21 +103,28 @@ def scale_advantages(
     if cfg.needs_attention:
         waad, fai, per_seq = batch.waad, batch.fai, batch.per_sequence
         defined_fai = fai[mask & ~torch.isnan(fai)]
-        metrics.update({
-            "anchor/waad_mean": float(waad[mask & torch.isfinite(waad)].mean()) if mask.any() else math.nan,
-            "anchor/fai_mean": float(defined_fai.mean()) if defined_fai.numel() else math.nan,
-            "anchor/span_local": float(per_seq[real, 0].nanmean()),
-            "anchor/span_global": float(per_seq[real, 1].nanmean()),
-            "timing_s/anchor_stats": float(per_seq[:, 2].nansum()) / max(1, world_size),
-        })
+        metrics.update(
+            {
+                "anchor/waad_mean": float(waad[mask & torch.isfinite(waad)].mean()) if mask.any() else math.nan,
+                "anchor/fai_mean": float(defined_fai.mean()) if defined_fai.numel() else math.nan,
+                "anchor/span_local": float(per_seq[real, 0].nanmean()),
+                "anchor/span_global": float(per_seq[real, 1].nanmean()),
+                "timing_s/anchor_stats": float(per_seq[:, 2].nansum()) / max(1, world_size),
+            }
+        )
     return shaped, gamma, metrics
 
 
-def write_dump(path: Path, keys: Sequence[str], input_ids: Sequence[torch.Tensor], batch: ResponseBatch,
-               gamma: torch.Tensor) -> None:
+def write_dump(
+    path: Path, keys: Sequence[str], input_ids: Sequence[torch.Tensor], batch: ResponseBatch, gamma: torch.Tensor
+) -> None:
     """`algorithm.anchor.dump_dir`: each response's tokens, statistics and gamma (for checks and analysis)."""
-    record = {"keys": list(keys), "real": batch.real.tolist(), "input_ids": [t.clone() for t in input_ids],
-              "gamma": [gamma[i, :n].clone() for i, n in enumerate(batch.lengths)]}
+    record = {
+        "keys": list(keys),
+        "real": batch.real.tolist(),
+        "input_ids": [t.clone() for t in input_ids],
+        "gamma": [gamma[i, :n].clone() for i, n in enumerate(batch.lengths)],
+    }
     for name, values in (("anchor_waad", batch.waad), ("anchor_fai", batch.fai)):
         if values is not None:
             record[name] = [values[i, :n].clone() for i, n in enumerate(batch.lengths)]

@@ -26,16 +26,17 @@ import math
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tensordict import TensorDict
 
 from verl_anchor.credit import response_seed
-from verl_anchor.integration.advantage import ResponseBatch, padded, token_digest, scale_advantages, write_dump
-from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
 from verl_anchor.integration import verl_api
+from verl_anchor.integration.advantage import ResponseBatch, padded, scale_advantages, token_digest, write_dump
+from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
 from verl_anchor.integration.settings import ANCHOR_ESTIMATORS, prepare_config
 from verl_anchor.integration.verl_api import tensordict_utils as tu
 
@@ -72,8 +73,10 @@ def _with_anchor_workers(init_workers: Callable) -> Callable:
             return init_workers(self, *args, **kwargs)
         if self.anchor.base_estimator == "gae" and not getattr(self, "use_critic", True):
             # RayPPOTrainer.__init__ decided before this ran; verl's validate_config (main_ppo's driver) turns it on.
-            raise ValueError("algorithm.anchor.base_estimator=gae needs verl's critic, but this trainer was built "
-                             "without one (critic.enable was unset when it was constructed): set critic.enable=true")
+            raise ValueError(
+                "algorithm.anchor.base_estimator=gae needs verl's critic, but this trainer was built "
+                "without one (critic.enable was unset when it was constructed): set critic.enable=true"
+            )
         use_anchor_workers(self.role_worker_mapping)
         _TRAINERS[id(self.config.algorithm)] = weakref.ref(self)
         result = init_workers(self, *args, **kwargs)
@@ -98,8 +101,10 @@ def _with_anchor_statistics(compute_old_log_prob: Callable) -> Callable:
 
         def compute_log_prob(data, *rpc_args, **rpc_kwargs):
             if not isinstance(data, TensorDict):  # a data plane that moves references (verl's neo NeoProto)
-                raise RuntimeError(f"{settings.estimator}: the old-log-prob call sends a {type(data).__name__}, not a "
-                                   "TensorDict; the anchor options cannot ride with it (trainer.data_plane=classic)")
+                raise RuntimeError(
+                    f"{settings.estimator}: the old-log-prob call sends a {type(data).__name__}, not a "
+                    "TensorDict; the anchor options cannot ride with it (trainer.data_plane=classic)"
+                )
             if settings.cfg.needs_attention:
                 tu.assign_non_tensor(data, **{ANCHOR_OPTIONS_KEY: settings.cfg.to_dict()})
             output = rpc(data, *rpc_args, **rpc_kwargs)
@@ -152,8 +157,10 @@ def _trainer_for(algorithm: Any) -> Any:
         live = [trainer for trainer in (ref() for ref in _TRAINERS.values()) if trainer is not None]
         if len(live) == 1:
             return live[0]
-        raise RuntimeError(f"compute_advantage was called with an anchor estimator and no config, and this process "
-                           f"holds {len(live)} anchor trainers: pass config=self.config.algorithm to tell them apart")
+        raise RuntimeError(
+            f"compute_advantage was called with an anchor estimator and no config, and this process "
+            f"holds {len(live)} anchor trainers: pass config=self.config.algorithm to tell them apart"
+        )
     trainer = _TRAINERS.get(id(algorithm), lambda: None)()
     if trainer is None or trainer.config.algorithm is not algorithm:
         refuse_outside_anchor_trainer()
@@ -172,12 +179,20 @@ def anchor_credit(trainer: Any, data: Any) -> dict[str, float]:
     columns = {name: batch[name].float() for name in anchor_columns}
     needed = "anchor_waad" if settings.cfg.needs_attention else ENTROPY_KEY if settings.cfg.needs_entropy else None
     if needed is not None and needed not in columns:
-        raise RuntimeError(f"{settings.estimator}: the batch has no {needed}; the old-log-prob forward did not run "
-                           "through verl_anchor (a trainer that bypasses RayPPOTrainer._compute_old_log_prob)")
+        raise RuntimeError(
+            f"{settings.estimator}: the batch has no {needed}; the old-log-prob forward did not run "
+            "through verl_anchor (a trainer that bypasses RayPPOTrainer._compute_old_log_prob)"
+        )
     responses = ResponseBatch(
-        advantages=batch["advantages"].float(), trainable=batch["response_mask"].bool(), lengths=lengths,
-        real=torch.ones(len(lengths), dtype=torch.bool), waad=columns.get("anchor_waad"), fai=columns.get("anchor_fai"),
-        per_sequence=columns.get("anchor_seq"), entropy=columns.get(ENTROPY_KEY))
+        advantages=batch["advantages"].float(),
+        trainable=batch["response_mask"].bool(),
+        lengths=lengths,
+        real=torch.ones(len(lengths), dtype=torch.bool),
+        waad=columns.get("anchor_waad"),
+        fai=columns.get("anchor_fai"),
+        per_sequence=columns.get("anchor_seq"),
+        entropy=columns.get(ENTROPY_KEY),
+    )
     seeds = _response_seeds(trainer, batch["input_ids"], attention) if settings.cfg.needs_seeds else None
     world = trainer.config.trainer.n_gpus_per_node * trainer.config.trainer.nnodes
     shaped, gamma, metrics = scale_advantages(responses, settings, seeds, world_size=world)

@@ -38,17 +38,21 @@ DEFAULT_BASE_ESTIMATOR = "grpo"
 # verl 0.9.1's placeholder for critic.model.path (trainer/config/critic/critic.yaml): never a real model.
 VERL_PLACEHOLDER_CRITIC_PATH = "~/models/deepseek-llm-7b-chat"
 # Base estimators each verl 0.9.1 trainer cannot run under the anchor name, and why.
-UNSUPPORTED_BASES: dict[str, dict[str, str]] = {"v1": {
-    "gdpo": "verl 0.9.1's v1 trainer does not give it the raw batch and reward keys it needs "
-            "(it fails natively too)",
-    "optimal_token_baseline": "verl 0.9.1's v1 trainer never computes sum_pi_squared for it (it fails natively too)",
-    "tir_optimal_token_baseline": "verl 0.9.1's v1 trainer never computes sum_pi_squared for it "
-                                  "(it fails natively too)",
-    "remax": "verl 0.9.1's v1 trainer never computes the greedy reward_baselines it needs (it fails natively too)",
-}, "legacy": {
-    "remax": "verl's RayPPOTrainer.fit generates the greedy reward_baselines it needs only when "
-             "algorithm.adv_estimator=remax itself",
-}}
+UNSUPPORTED_BASES: dict[str, dict[str, str]] = {
+    "v1": {
+        "gdpo": "verl 0.9.1's v1 trainer does not give it the raw batch and reward keys it needs "
+        "(it fails natively too)",
+        "optimal_token_baseline": "verl 0.9.1's v1 trainer never computes sum_pi_squared for it "
+        "(it fails natively too)",
+        "tir_optimal_token_baseline": "verl 0.9.1's v1 trainer never computes sum_pi_squared for it "
+        "(it fails natively too)",
+        "remax": "verl 0.9.1's v1 trainer never computes the greedy reward_baselines it needs (it fails natively too)",
+    },
+    "legacy": {
+        "remax": "verl's RayPPOTrainer.fit generates the greedy reward_baselines it needs only when "
+        "algorithm.adv_estimator=remax itself",
+    },
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +81,11 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
     """
     v1 = config.trainer.get("v1", None)
     if v1 is not None and v1.get("trainer_mode", None) == LEGACY_TRAINER_MODE:
-        logger.warning("trainer.v1.trainer_mode=%s is an alias of sync: the estimator alone selects the anchor "
-                       "trainer now; drop the override", LEGACY_TRAINER_MODE)
+        logger.warning(
+            "trainer.v1.trainer_mode=%s is an alias of sync: the estimator alone selects the anchor "
+            "trainer now; drop the override",
+            LEGACY_TRAINER_MODE,
+        )
         with open_dict(config):
             v1.trainer_mode = "sync"
     settings = read_settings(config)
@@ -91,13 +98,18 @@ def prepare_config(config: DictConfig) -> AnchorSettings | None:
     if settings is not None and settings.base_estimator == "gae" and config.critic.get("enable", None) is not False:
         with open_dict(config):
             if config.critic.get("enable", None) is None:
-                logger.warning("verl_anchor: algorithm.anchor.base_estimator=gae turns verl's critic on "
-                               "(critic.enable=true); an earlier 'Disabled critic' warning from verl no longer applies")
+                logger.warning(
+                    "verl_anchor: algorithm.anchor.base_estimator=gae turns verl's critic on "
+                    "(critic.enable=true); an earlier 'Disabled critic' warning from verl no longer applies"
+                )
                 config.critic.enable = True
             critic_model = config.critic.get("model", None)
             if critic_model is not None and critic_model.get("path", None) == VERL_PLACEHOLDER_CRITIC_PATH:
-                logger.warning("verl_anchor: critic.model.path is unset; the critic starts from the actor's model "
-                               "(%s); set critic.model.path to choose another", config.actor_rollout_ref.model.path)
+                logger.warning(
+                    "verl_anchor: critic.model.path is unset; the critic starts from the actor's model "
+                    "(%s); set critic.model.path to choose another",
+                    config.actor_rollout_ref.model.path,
+                )
                 critic_model.path = config.actor_rollout_ref.model.path
     return settings
 
@@ -163,8 +175,11 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
         _check_not_a_typo(estimator)
         if anchor_block(config):
             # Not refused: the recipes keep their anchor block when run with grpo as the plain baseline.
-            logger.warning("verl_anchor: algorithm.anchor.* is ignored with algorithm.adv_estimator=%s; "
-                           "an anchor_* estimator turns the method on", estimator)
+            logger.warning(
+                "verl_anchor: algorithm.anchor.* is ignored with algorithm.adv_estimator=%s; "
+                "an anchor_* estimator turns the method on",
+                estimator,
+            )
         return None
     if config.trainer.get("use_v1", True):
         _check_transfer_queue(estimator)
@@ -172,15 +187,18 @@ def read_settings(config: DictConfig) -> AnchorSettings | None:
     # fields verl itself names, not the statistics the anchor step adds to the old-log-prob batch.
     data_plane = config.trainer.get("data_plane", "classic")
     if data_plane != "classic":
-        raise ValueError(f"trainer.data_plane={data_plane} is not supported by {estimator}: its batches carry only "
-                         "the fields verl names, not the anchor statistics; set trainer.data_plane=classic")
+        raise ValueError(
+            f"trainer.data_plane={data_plane} is not supported by {estimator}: its batches carry only "
+            "the fields verl names, not the anchor statistics; set trainer.data_plane=classic"
+        )
     options = anchor_block(config)
     base, why = choose_base_estimator(config, options.pop("base_estimator", None))
     enable = options.pop("enable", True)
     dump_dir = options.pop("dump_dir", None)
     if dump_dir is not None and (not isinstance(dump_dir, str) or not dump_dir or os.path.isfile(dump_dir)):
-        raise ValueError(f"algorithm.anchor.dump_dir={dump_dir!r} is invalid: give a directory path (it is created), "
-                         "or null")
+        raise ValueError(
+            f"algorithm.anchor.dump_dir={dump_dir!r} is invalid: give a directory path (it is created), or null"
+        )
     if enable is not True:
         raise ValueError(
             f"algorithm.anchor.enable={enable!r} contradicts algorithm.adv_estimator={estimator}: the estimator name "
@@ -273,31 +291,43 @@ def _check_not_a_typo(estimator: str) -> None:
         return
     close = suggest_estimator(estimator, ANCHOR_ESTIMATORS)
     if close:
-        raise ValueError(f"algorithm.adv_estimator={estimator} is not a registered estimator; "
-                         f"did you mean algorithm.adv_estimator={close}?")
+        raise ValueError(
+            f"algorithm.adv_estimator={estimator} is not a registered estimator; "
+            f"did you mean algorithm.adv_estimator={close}?"
+        )
     if estimator.startswith("anchor"):
-        raise ValueError(f"algorithm.adv_estimator={estimator} is not a registered estimator; "
-                         f"the anchor estimators are {', '.join(ANCHOR_ESTIMATORS)}")
+        raise ValueError(
+            f"algorithm.adv_estimator={estimator} is not a registered estimator; "
+            f"the anchor estimators are {', '.join(ANCHOR_ESTIMATORS)}"
+        )
 
 
 def _check_base_estimator(config: DictConfig, base: str) -> None:
     from verl_anchor.integration.verl_api import ADV_ESTIMATOR_REGISTRY
 
     if base in ANCHOR_ESTIMATORS:
-        raise ValueError(f"algorithm.anchor.base_estimator={base} is invalid: the base must be a plain verl estimator "
-                         "such as grpo, gae, rloo or reinforce_plus_plus")
+        raise ValueError(
+            f"algorithm.anchor.base_estimator={base} is invalid: the base must be a plain verl estimator "
+            "such as grpo, gae, rloo or reinforce_plus_plus"
+        )
     unsupported = UNSUPPORTED_BASES["v1" if config.trainer.get("use_v1", True) else "legacy"]
     if base in unsupported:
-        raise ValueError(f"algorithm.anchor.base_estimator={base} is not supported: {unsupported[base]}; "
-                         "use grpo (default), gae, rloo, reinforce_plus_plus, ...")
+        raise ValueError(
+            f"algorithm.anchor.base_estimator={base} is not supported: {unsupported[base]}; "
+            "use grpo (default), gae, rloo, reinforce_plus_plus, ..."
+        )
     known = {"grpo", "gae"} | set(ADV_ESTIMATOR_REGISTRY)
     if base not in known:
         plain = sorted(k for k in known if k not in ANCHOR_ESTIMATORS and k not in unsupported)
-        raise ValueError(f"algorithm.anchor.base_estimator={base} is not a registered verl estimator; "
-                         f"choose one of {', '.join(plain)}")
+        raise ValueError(
+            f"algorithm.anchor.base_estimator={base} is not a registered verl estimator; "
+            f"choose one of {', '.join(plain)}"
+        )
     if base == "gae" and config.critic.get("enable", None) is False:
-        raise ValueError("algorithm.anchor.base_estimator=gae needs verl's critic for its values, but "
-                         "critic.enable=false: set critic.enable=true (or leave it unset)")
+        raise ValueError(
+            "algorithm.anchor.base_estimator=gae needs verl's critic for its values, but "
+            "critic.enable=false: set critic.enable=true (or leave it unset)"
+        )
 
 
 def _check_attention_backend(config: DictConfig, estimator: str) -> None:
@@ -320,8 +350,11 @@ def _check_attention_backend(config: DictConfig, estimator: str) -> None:
         )
     # Ulysses SP: the capture reads verl's flash-attention call after its all-to-all (capture_ulysses). verl's
     # HFModelConfig takes the actor's attention implementation from this option (default flash_attention_2).
-    implementation = str((config.actor_rollout_ref.model.get("override_config", None) or {}).get(
-        "attn_implementation", "flash_attention_2"))
+    implementation = str(
+        (config.actor_rollout_ref.model.get("override_config", None) or {}).get(
+            "attn_implementation", "flash_attention_2"
+        )
+    )
     for key, value in ulysses_sizes(actor):
         if value > 1 and not implementation.startswith("flash_attention"):
             raise ValueError(
@@ -334,11 +367,16 @@ def _check_attention_backend(config: DictConfig, estimator: str) -> None:
 
 def ulysses_sizes(actor: DictConfig) -> list[tuple[str, int]]:
     """The actor's Ulysses SP options (verl reads either), with their values (unset: 1)."""
-    return [(key, int(value if value is not None else 1)) for key, value in (
-        ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", actor.get("ulysses_sequence_parallel_size", 1)),
-        ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
-         (actor.get("fsdp_config", None) or {}).get("ulysses_sequence_parallel_size", 1)),
-    )]
+    return [
+        (key, int(value if value is not None else 1))
+        for key, value in (
+            ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", actor.get("ulysses_sequence_parallel_size", 1)),
+            (
+                "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
+                (actor.get("fsdp_config", None) or {}).get("ulysses_sequence_parallel_size", 1),
+            ),
+        )
+    ]
 
 
 def verl_pipelines(config: DictConfig, cfg: AnchorConfig) -> list[str]:
@@ -363,6 +401,7 @@ def actor_engine(actor: DictConfig) -> str | None:
     if target is None:  # a hand-built block: verl's default class
         return None
     from hydra.utils import get_class
+
     from verl_anchor.integration.verl_api import FSDPActorConfig
 
     target_cls = get_class(target)

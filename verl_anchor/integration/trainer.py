@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from tensordict import TensorDict
 
 from verl_anchor.credit import response_seed
-from verl_anchor.integration.advantage import ResponseBatch, token_digest, scale_advantages, write_dump
+from verl_anchor.integration.advantage import ResponseBatch, scale_advantages, token_digest, write_dump
 from verl_anchor.integration.settings import AnchorSettings, prepare_config
 from verl_anchor.integration.verl_api import response_to_nested
 from verl_anchor.integration.verl_api import transfer_queue as tq
@@ -46,8 +46,11 @@ def anchor_trainer_cls(trainer_cls: type) -> type:
     if issubclass(trainer_cls, AnchorTrainerMixin):
         return trainer_cls
     if trainer_cls not in _VARIANTS:
-        _VARIANTS[trainer_cls] = type(f"Anchor{trainer_cls.__name__}", (AnchorTrainerMixin, trainer_cls),
-                                      {"__module__": __name__, "_anchor_base": trainer_cls})
+        _VARIANTS[trainer_cls] = type(
+            f"Anchor{trainer_cls.__name__}",
+            (AnchorTrainerMixin, trainer_cls),
+            {"__module__": __name__, "_anchor_base": trainer_cls},
+        )
     return _VARIANTS[trainer_cls]
 
 
@@ -147,6 +150,9 @@ class AnchorTrainerMixin:
         seeds = []
         for key, prompt in zip(keys, data["prompts"].unbind()):
             session_and_output = key.rsplit("_", 2)[1:]
-            seeds.append(response_seed(self.anchor.cfg.seed, self.global_steps, local_step, token_digest(prompt),
-                                       *session_and_output))
+            seeds.append(
+                response_seed(
+                    self.anchor.cfg.seed, self.global_steps, local_step, token_digest(prompt), *session_and_output
+                )
+            )
         return seeds

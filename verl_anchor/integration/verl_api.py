@@ -56,103 +56,215 @@ def _pins() -> dict[str, Pin]:
     ppo, workers, rollout = "verl.trainer.ppo", "verl.workers", "verl.workers.rollout"
     return {
         # Start-up: the driver's checks, the estimator names, the base estimator's registry.
-        "validate_config": Pin("verl.utils.config", "validate_config", "wrapped: the anchor checks run in the driver",
-                               params=("config", "use_reference_policy", "use_critic")),
-        "auto_set_device": Pin("verl.utils.device", "auto_set_device",
-                               "wrapped: every entry point's first call (refuses fully-async)", params=("config",)),
+        "validate_config": Pin(
+            "verl.utils.config",
+            "validate_config",
+            "wrapped: the anchor checks run in the driver",
+            params=("config", "use_reference_policy", "use_critic"),
+        ),
+        "auto_set_device": Pin(
+            "verl.utils.device",
+            "auto_set_device",
+            "wrapped: every entry point's first call (refuses fully-async)",
+            params=("config",),
+        ),
         "need_critic": Pin(f"{ppo}.utils", "need_critic", "the critic switch after a gae base", params=("config",)),
-        "need_reference_policy": Pin(f"{ppo}.utils", "need_reference_policy", "launch's config check",
-                                     params=("config",)),
-        "register_adv_est": Pin(f"{ppo}.core_algos", "register_adv_est", "registers the anchor_* estimator names",
-                                params=("name_or_enum",)),
+        "need_reference_policy": Pin(
+            f"{ppo}.utils", "need_reference_policy", "launch's config check", params=("config",)
+        ),
+        "register_adv_est": Pin(
+            f"{ppo}.core_algos", "register_adv_est", "registers the anchor_* estimator names", params=("name_or_enum",)
+        ),
         "ADV_ESTIMATOR_REGISTRY": Pin(f"{ppo}.core_algos", "ADV_ESTIMATOR_REGISTRY", "checks base estimator names"),
         "FSDPActorConfig": Pin("verl.workers.config", "FSDPActorConfig", "tells the FSDP actor from Megatron's"),
         "Role.ActorRollout": Pin(f"{ppo}.utils", "Role.ActorRollout", "the actor role that gets the anchor worker"),
-        "Role.ActorRolloutRef": Pin(f"{ppo}.utils", "Role.ActorRolloutRef", "the actor role that gets the anchor worker"),
+        "Role.ActorRolloutRef": Pin(
+            f"{ppo}.utils", "Role.ActorRolloutRef", "the actor role that gets the anchor worker"
+        ),
         "Role.Actor": Pin(f"{ppo}.utils", "Role.Actor", "the actor role that gets the anchor worker"),
         "default_compute_score": Pin("verl.utils.reward_score", "default_compute_score", "the math reward's fallback"),
         # Workers: statistics inside the old-log-prob forward.
-        "TrainingWorker": Pin(f"{workers}.engine_workers", "TrainingWorker", "the anchor actor's base class",
-                              pipelines=("v1", "legacy")),
-        "TrainingWorker.infer_batch": Pin(f"{workers}.engine_workers", "TrainingWorker.infer_batch",
-                                          "runs the statistics pass", ("v1", "legacy"), params=("self", "data")),
-        "ActorRolloutRefWorker": Pin(f"{workers}.engine_workers", "ActorRolloutRefWorker",
-                                     "the hybrid worker the anchor worker extends", ("v1", "legacy")),
-        "ActorRolloutRefWorker.actor_worker_cls": Pin(f"{workers}.engine_workers", "ActorRolloutRefWorker.actor_worker_cls",
-                                                      "the hook that makes its actor an anchor actor", ("v1", "legacy")),
-        "ActorRolloutRefWorker.compute_log_prob": Pin(f"{workers}.engine_workers", "ActorRolloutRefWorker.compute_log_prob",
-                                                      "the old-log-prob RPC", ("v1", "legacy"), params=("self", "data")),
-        "DetachActorWorker": Pin("verl.experimental.separation.engine_workers", "DetachActorWorker",
-                                 "separate_async's actor worker", ("v1",)),
-        "Dispatch": Pin("verl.single_controller.base.decorator", "Dispatch", "the anchor_prepare RPC", ("v1", "legacy")),
-        "register": Pin("verl.single_controller.base.decorator", "register", "the anchor_prepare RPC", ("v1", "legacy")),
-        "tensordict_utils": Pin("verl.utils.tensordict_utils", "", "the options in the old-log-prob TensorDict",
-                                ("v1", "legacy")),
-        "tensordict_utils.get_non_tensor_data": Pin("verl.utils.tensordict_utils", "get_non_tensor_data",
-                                                    "reads the options in the worker", ("v1", "legacy"),
-                                                    params=("data", "key", "default")),
-        "tensordict_utils.assign_non_tensor": Pin("verl.utils.tensordict_utils", "assign_non_tensor",
-                                                  "writes the options", ("v1", "legacy"), params=("tensor_dict",)),
+        "TrainingWorker": Pin(
+            f"{workers}.engine_workers", "TrainingWorker", "the anchor actor's base class", pipelines=("v1", "legacy")
+        ),
+        "TrainingWorker.infer_batch": Pin(
+            f"{workers}.engine_workers",
+            "TrainingWorker.infer_batch",
+            "runs the statistics pass",
+            ("v1", "legacy"),
+            params=("self", "data"),
+        ),
+        "ActorRolloutRefWorker": Pin(
+            f"{workers}.engine_workers",
+            "ActorRolloutRefWorker",
+            "the hybrid worker the anchor worker extends",
+            ("v1", "legacy"),
+        ),
+        "ActorRolloutRefWorker.actor_worker_cls": Pin(
+            f"{workers}.engine_workers",
+            "ActorRolloutRefWorker.actor_worker_cls",
+            "the hook that makes its actor an anchor actor",
+            ("v1", "legacy"),
+        ),
+        "ActorRolloutRefWorker.compute_log_prob": Pin(
+            f"{workers}.engine_workers",
+            "ActorRolloutRefWorker.compute_log_prob",
+            "the old-log-prob RPC",
+            ("v1", "legacy"),
+            params=("self", "data"),
+        ),
+        "DetachActorWorker": Pin(
+            "verl.experimental.separation.engine_workers", "DetachActorWorker", "separate_async's actor worker", ("v1",)
+        ),
+        "Dispatch": Pin(
+            "verl.single_controller.base.decorator", "Dispatch", "the anchor_prepare RPC", ("v1", "legacy")
+        ),
+        "register": Pin(
+            "verl.single_controller.base.decorator", "register", "the anchor_prepare RPC", ("v1", "legacy")
+        ),
+        "tensordict_utils": Pin(
+            "verl.utils.tensordict_utils", "", "the options in the old-log-prob TensorDict", ("v1", "legacy")
+        ),
+        "tensordict_utils.get_non_tensor_data": Pin(
+            "verl.utils.tensordict_utils",
+            "get_non_tensor_data",
+            "reads the options in the worker",
+            ("v1", "legacy"),
+            params=("data", "key", "default"),
+        ),
+        "tensordict_utils.assign_non_tensor": Pin(
+            "verl.utils.tensordict_utils",
+            "assign_non_tensor",
+            "writes the options",
+            ("v1", "legacy"),
+            params=("tensor_dict",),
+        ),
         # v1 trainer (TransferQueue).
-        "get_trainer_cls": Pin(f"{ppo}.v1.trainer_base", "get_trainer_cls", "wrapped: every mode gets the anchor step",
-                               ("v1",), params=("name",)),
+        "get_trainer_cls": Pin(
+            f"{ppo}.v1.trainer_base",
+            "get_trainer_cls",
+            "wrapped: every mode gets the anchor step",
+            ("v1",),
+            params=("name",),
+        ),
         "v1.get_trainer_cls": Pin(f"{ppo}.v1", "get_trainer_cls", "main_ppo's TaskRunner looks it up here", ("v1",)),
         "TRAINER_REGISTRY": Pin(f"{ppo}.v1.trainer_base", "TRAINER_REGISTRY", "anchor variants by name", ("v1",)),
-        "PPOTrainer._init_resource_pool_mgr": Pin(f"{ppo}.v1.trainer_base", "PPOTrainer._init_resource_pool_mgr",
-                                                  "swaps in the anchor worker", ("v1",), params=("self",)),
-        "PPOTrainer._setup": Pin(f"{ppo}.v1.trainer_base", "PPOTrainer._setup", "builds the capture at start-up",
-                                 ("v1",), params=("self",)),
-        "PPOTrainer._compute_old_log_prob": Pin(f"{ppo}.v1.trainer_base", "PPOTrainer._compute_old_log_prob",
-                                                "asks for the statistics", ("v1",), params=("self", "batch", "metrics")),
-        "PPOTrainer._compute_advantage": Pin(f"{ppo}.v1.trainer_base", "PPOTrainer._compute_advantage",
-                                             "the base advantages gamma scales", ("v1",),
-                                             params=("self", "batch", "metrics")),
-        "response_to_nested": Pin(f"{workers}.utils.padding", "response_to_nested", "writes the scaled advantages",
-                                  ("v1",), params=("tensor", "response_mask")),
+        "PPOTrainer._init_resource_pool_mgr": Pin(
+            f"{ppo}.v1.trainer_base",
+            "PPOTrainer._init_resource_pool_mgr",
+            "swaps in the anchor worker",
+            ("v1",),
+            params=("self",),
+        ),
+        "PPOTrainer._setup": Pin(
+            f"{ppo}.v1.trainer_base", "PPOTrainer._setup", "builds the capture at start-up", ("v1",), params=("self",)
+        ),
+        "PPOTrainer._compute_old_log_prob": Pin(
+            f"{ppo}.v1.trainer_base",
+            "PPOTrainer._compute_old_log_prob",
+            "asks for the statistics",
+            ("v1",),
+            params=("self", "batch", "metrics"),
+        ),
+        "PPOTrainer._compute_advantage": Pin(
+            f"{ppo}.v1.trainer_base",
+            "PPOTrainer._compute_advantage",
+            "the base advantages gamma scales",
+            ("v1",),
+            params=("self", "batch", "metrics"),
+        ),
+        "response_to_nested": Pin(
+            f"{workers}.utils.padding",
+            "response_to_nested",
+            "writes the scaled advantages",
+            ("v1",),
+            params=("tensor", "response_mask"),
+        ),
         "transfer_queue": Pin("transfer_queue", "", "the v1 trainer's data plane", ("v1",)),
-        "transfer_queue.kv_batch_get": Pin("transfer_queue", "kv_batch_get", "reads the advantage step's fields",
-                                           ("v1",)),
+        "transfer_queue.kv_batch_get": Pin(
+            "transfer_queue", "kv_batch_get", "reads the advantage step's fields", ("v1",)
+        ),
         "transfer_queue.kv_batch_put": Pin("transfer_queue", "kv_batch_put", "writes the scaled advantages", ("v1",)),
         # Legacy trainer (RayPPOTrainer; verl-recipe's recipes).
-        "RayPPOTrainer.init_workers": Pin(f"{ppo}.ray_trainer", "RayPPOTrainer.init_workers",
-                                          "wrapped: the anchor worker and the capture", ("legacy",), params=("self",)),
-        "RayPPOTrainer._compute_old_log_prob": Pin(f"{ppo}.ray_trainer", "RayPPOTrainer._compute_old_log_prob",
-                                                   "wrapped: the statistics ride back", ("legacy",),
-                                                   params=("self", "batch")),
-        "ray_trainer.compute_advantage": Pin(f"{ppo}.ray_trainer", "compute_advantage",
-                                             "wrapped: gamma on the base advantages", ("legacy", "v1"),
-                                             params=("data", "adv_estimator", "gamma", "lam", "num_repeat",
-                                                     "norm_adv_by_std_in_grpo", "config")),
-        "ray_trainer.compute_data_metrics": Pin(f"{ppo}.ray_trainer", "compute_data_metrics",
-                                                "wrapped: the anchor/* metrics", ("legacy",), params=("batch",)),
-        "metric_utils.compute_data_metrics": Pin(f"{ppo}.metric_utils", "compute_data_metrics",
-                                                 "wrapped: the anchor/* metrics (recipes import it from here)",
-                                                 ("legacy",), params=("batch",)),
+        "RayPPOTrainer.init_workers": Pin(
+            f"{ppo}.ray_trainer",
+            "RayPPOTrainer.init_workers",
+            "wrapped: the anchor worker and the capture",
+            ("legacy",),
+            params=("self",),
+        ),
+        "RayPPOTrainer._compute_old_log_prob": Pin(
+            f"{ppo}.ray_trainer",
+            "RayPPOTrainer._compute_old_log_prob",
+            "wrapped: the statistics ride back",
+            ("legacy",),
+            params=("self", "batch"),
+        ),
+        "ray_trainer.compute_advantage": Pin(
+            f"{ppo}.ray_trainer",
+            "compute_advantage",
+            "wrapped: gamma on the base advantages",
+            ("legacy", "v1"),
+            params=("data", "adv_estimator", "gamma", "lam", "num_repeat", "norm_adv_by_std_in_grpo", "config"),
+        ),
+        "ray_trainer.compute_data_metrics": Pin(
+            f"{ppo}.ray_trainer",
+            "compute_data_metrics",
+            "wrapped: the anchor/* metrics",
+            ("legacy",),
+            params=("batch",),
+        ),
+        "metric_utils.compute_data_metrics": Pin(
+            f"{ppo}.metric_utils",
+            "compute_data_metrics",
+            "wrapped: the anchor/* metrics (recipes import it from here)",
+            ("legacy",),
+            params=("batch",),
+        ),
         # CPU mode (VERL_PLATFORM=cpu, rollout.name=hf).
-        "rollout": Pin(rollout, "", "imported before any rollout.name is resolved: the hf rollout registers then",
-                       ("cpu",)),
+        "rollout": Pin(
+            rollout, "", "imported before any rollout.name is resolved: the hf rollout registers then", ("cpu",)
+        ),
         "PlatformBase": Pin("verl.plugin.platform", "PlatformBase", "the CPU platform's base", ("cpu",)),
         "PlatformRegistry": Pin("verl.plugin.platform", "PlatformRegistry", "registers the CPU platform", ("cpu",)),
-        "load_valuehead_model": Pin("verl.utils.model", "load_valuehead_model", "wrapped: the critic loads on CPU",
-                                    ("cpu",), params=("local_path", "torch_dtype", "model_config", "trust_remote_code")),
+        "load_valuehead_model": Pin(
+            "verl.utils.model",
+            "load_valuehead_model",
+            "wrapped: the critic loads on CPU",
+            ("cpu",),
+            params=("local_path", "torch_dtype", "model_config", "trust_remote_code"),
+        ),
         "_ROLLOUT_REGISTRY": Pin(f"{rollout}.base", "_ROLLOUT_REGISTRY", "registers the hf rollout", ("cpu",)),
         "BaseRollout": Pin(f"{rollout}.base", "BaseRollout", "the hf rollout's base", ("cpu",)),
-        "RolloutReplicaRegistry": Pin(f"{rollout}.replica", "RolloutReplicaRegistry", "registers the hf replica",
-                                      ("cpu",)),
+        "RolloutReplicaRegistry": Pin(
+            f"{rollout}.replica", "RolloutReplicaRegistry", "registers the hf replica", ("cpu",)
+        ),
         "RolloutReplica": Pin(f"{rollout}.replica", "RolloutReplica", "the hf replica's base", ("cpu",)),
         "RolloutMode": Pin(f"{rollout}.replica", "RolloutMode", "the hf replica's mode", ("cpu",)),
         "TokenOutput": Pin(f"{rollout}.replica", "TokenOutput", "the hf rollout's output", ("cpu",)),
         # Ulysses sequence parallelism.
-        "ulysses_flash_attention_forward": Pin("verl.models.transformers.monkey_patch", "_flash_attention_forward",
-                                               "wrapped during SP forwards: q/k after verl's all-to-all",
-                                               ("ulysses",)),
-        "get_ulysses_sequence_parallel_group": Pin("verl.utils.ulysses", "get_ulysses_sequence_parallel_group",
-                                                   "the SP group the ranks combine over", ("ulysses",)),
+        "ulysses_flash_attention_forward": Pin(
+            "verl.models.transformers.monkey_patch",
+            "_flash_attention_forward",
+            "wrapped during SP forwards: q/k after verl's all-to-all",
+            ("ulysses",),
+        ),
+        "get_ulysses_sequence_parallel_group": Pin(
+            "verl.utils.ulysses",
+            "get_ulysses_sequence_parallel_group",
+            "the SP group the ranks combine over",
+            ("ulysses",),
+        ),
         # transformers: where the attention function is looked up on every call.
-        "ALL_ATTENTION_FUNCTIONS": Pin("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS",
-                                       "the capture's dispatcher sits in it"),
-        "ALL_ATTENTION_FUNCTIONS._local_mapping": Pin("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS._local_mapping",
-                                                      "the capture's dispatcher sits in its local layer", static=False),
+        "ALL_ATTENTION_FUNCTIONS": Pin(
+            "transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS", "the capture's dispatcher sits in it"
+        ),
+        "ALL_ATTENTION_FUNCTIONS._local_mapping": Pin(
+            "transformers.modeling_utils",
+            "ALL_ATTENTION_FUNCTIONS._local_mapping",
+            "the capture's dispatcher sits in its local layer",
+            static=False,
+        ),
     }
 
 
@@ -275,8 +387,9 @@ def _source_problem(pin: Pin, roots: dict[str, Path]) -> str | None:
             return "does not exist"
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         arguments = node.args
-        return _signature_problem(pin, [a.arg for a in (*arguments.posonlyargs, *arguments.args,
-                                                        *arguments.kwonlyargs)])
+        return _signature_problem(
+            pin, [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
+        )
     return None
 
 
@@ -319,11 +432,16 @@ def _definition(body: list[ast.stmt], name: str) -> ast.AST | None:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
             return node
         if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
-                (alias.asname or alias.name.split(".")[0]) == name for alias in node.names):
+            (alias.asname or alias.name.split(".")[0]) == name for alias in node.names
+        ):
             return node
         if isinstance(node, (ast.If, ast.Try)):
-            blocks = [node.body, node.orelse, getattr(node, "finalbody", []),
-                      *(handler.body for handler in getattr(node, "handlers", []))]
+            blocks = [
+                node.body,
+                node.orelse,
+                getattr(node, "finalbody", []),
+                *(handler.body for handler in getattr(node, "handlers", [])),
+            ]
             for block in blocks:
                 if (found := _definition(block, name)) is not None:
                     return found

@@ -45,8 +45,9 @@ ANCHOR_OPTIONS_KEY = "anchor_cfg"  # extra_info key the trainer sets for the old
 OUTPUT_KEYS = ("anchor_waad", "anchor_fai", "anchor_seq")
 
 
-def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture: AttentionCapture,
-                   cfg: AnchorConfig) -> tuple[torch.Tensor, dict]:
+def anchor_outputs(
+    model_output: dict, data: TensorDict, dp_group: Any, capture: AttentionCapture, cfg: AnchorConfig
+) -> tuple[torch.Tensor, dict]:
     """The stand-in "loss" of the statistics pass: writes the per-token anchor outputs of a micro-batch.
 
     All responses at once (`stats_engine.packed_response_signals`) on the statistics' device; one host
@@ -60,8 +61,13 @@ def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture:
     lengths, num_response_tokens = _response_lengths(data)
     lengths = lengths.to(device)
     group = sequence_parallel_group() if stats.heads_per_layer != stats.num_heads_total else None
-    signals = packed_response_signals(stats, lengths, cfg, num_response_tokens=num_response_tokens,
-                                      head_span=None if group is None else gather_head_span(stats, lengths, group))
+    signals = packed_response_signals(
+        stats,
+        lengths,
+        cfg,
+        num_response_tokens=num_response_tokens,
+        head_span=None if group is None else gather_head_span(stats, lengths, group),
+    )
     num_sequences = stats.sequences.num_sequences
     seconds = (capture.seconds + time.perf_counter() - start) / max(1, num_sequences)
     capture.seconds = 0.0
@@ -71,8 +77,9 @@ def anchor_outputs(model_output: dict, data: TensorDict, dp_group: Any, capture:
     per_sequence = torch.stack([signals.span_loc, signals.span_glob, torch.zeros_like(signals.span_loc) + seconds], 1)
     model_output["anchor_waad"] = _nested(signals.waad, signals.cu_response, out)
     model_output["anchor_fai"] = _nested(signals.fai, signals.cu_response, out)
-    model_output["anchor_seq"] = _nested(per_sequence.flatten(), torch.arange(num_sequences + 1, device=device) * 3,
-                                         out)
+    model_output["anchor_seq"] = _nested(
+        per_sequence.flatten(), torch.arange(num_sequences + 1, device=device) * 3, out
+    )
     return torch.zeros((), device=out), {}
 
 
@@ -83,7 +90,7 @@ def _response_lengths(data: TensorDict) -> tuple[torch.Tensor, int | None]:
         return responses.offsets().diff(), responses.values().shape[0]
     # The legacy trainer's old-log-prob call keeps verl's left-right padded masks beside the packed inputs
     # (`left_right_2_no_padding`): responses are right-padded to the response_mask's width.
-    return data["attention_mask"][:, -responses.shape[1]:].sum(-1), None
+    return data["attention_mask"][:, -responses.shape[1] :].sum(-1), None
 
 
 def _micro_batch_stats(forwards: list[PackedTokenStats], data: TensorDict) -> PackedTokenStats:
@@ -91,8 +98,11 @@ def _micro_batch_stats(forwards: list[PackedTokenStats], data: TensorDict) -> Pa
     lengths = data["input_ids"].offsets().diff()
     captured = [stats.sequences.cu_seqlens.diff() for stats in forwards]
     # Packed inputs may carry padding after the last sequence; it forms extra trailing segments.
-    if len(forwards) != 1 or captured[0].numel() < lengths.numel() or not torch.equal(
-            captured[0][: lengths.numel()], lengths.to(captured[0].device)):  # the one host sync
+    if (
+        len(forwards) != 1
+        or captured[0].numel() < lengths.numel()
+        or not torch.equal(captured[0][: lengths.numel()], lengths.to(captured[0].device))
+    ):  # the one host sync
         raise RuntimeError(
             f"captured sequences {[c.tolist() for c in captured]} (per forward) do not match the micro-batch's "
             f"sequence lengths {lengths.tolist()}; the capture cannot tell the sequences of this input layout apart"
@@ -187,6 +197,7 @@ def anchor_worker_cls(worker: Any) -> type:
         return worker_cls
     if worker_cls not in _WORKER_VARIANTS:
         # Not a module attribute on purpose: Ray then pickles it by value for the worker processes.
-        _WORKER_VARIANTS[worker_cls] = type(f"Anchor{worker_cls.__name__}", (AnchorWorkerMixin, worker_cls),
-                                            {"__module__": __name__})
+        _WORKER_VARIANTS[worker_cls] = type(
+            f"Anchor{worker_cls.__name__}", (AnchorWorkerMixin, worker_cls), {"__module__": __name__}
+        )
     return _WORKER_VARIANTS[worker_cls]

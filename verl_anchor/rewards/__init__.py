@@ -74,4 +74,11 @@ def check_reward_config(config: Any) -> None:
     require_math_verify()
 
 
-__all__ = ["check_reward_config", "COUNTDOWN_SOURCE", "MATH_SOURCE_PREFIX", "compute_score", "score_countdown", "score_math"]
+__all__ = [
+    "check_reward_config",
+    "COUNTDOWN_SOURCE",
+    "MATH_SOURCE_PREFIX",
+    "compute_score",
+    "score_countdown",
+    "score_math",
+]

@@ -154,8 +154,9 @@ class MathVerifier:
     def _current(self) -> _Generation:
         with self._lock:
             if self._generation is None:
-                pool = ProcessPool(self._workers, initializer=_init_worker, initargs=(os.getpid(),),
-                                   context=self._context)
+                pool = ProcessPool(
+                    self._workers, initializer=_init_worker, initargs=(os.getpid(),), context=self._context
+                )
                 self._generation = _Generation(pool)
             return self._generation
 
@@ -201,10 +202,14 @@ class MathVerifier:
 
     def _attempt(self, generation: _Generation, gold: str, pred: str, timeout_s: float) -> bool:
         """One try on ``generation``'s pool; `_Replaced` when another thread discards it meanwhile."""
-        future = self._scheduler.submit(generation.pool.schedule, verify_answers, (gold, pred),
-                                        timeout=timeout_s).result()
-        done, _ = concurrent.futures.wait([future, generation.discarded], timeout=timeout_s + START_GRACE_S,
-                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        future = self._scheduler.submit(
+            generation.pool.schedule, verify_answers, (gold, pred), timeout=timeout_s
+        ).result()
+        done, _ = concurrent.futures.wait(
+            [future, generation.discarded],
+            timeout=timeout_s + START_GRACE_S,
+            return_when=concurrent.futures.FIRST_COMPLETED,
+        )
         if future not in done:
             future.cancel()
             if generation.discarded in done:
