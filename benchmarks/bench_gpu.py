@@ -46,9 +46,9 @@ if importlib.util.find_spec("triton") is None:
     unusable("triton is not installed: the statistics' GPU path needs it (pip install triton)")
 
 from verl_anchor import AnchorConfig  # noqa: E402
-from verl_anchor.capture import AttentionCapture  # noqa: E402
-from verl_anchor.metrics import reference_stats  # noqa: E402
-from verl_anchor.stats_engine import (  # noqa: E402
+from verl_anchor.capture.hooks import AttentionCapture  # noqa: E402
+from verl_anchor.core.metrics import reference_stats  # noqa: E402
+from verl_anchor.core.stats_engine import (  # noqa: E402
     PackedSequences,
     packed_response_signals,
     packed_token_stats,

@@ -69,8 +69,8 @@ def worker(mode: str, n: int, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from verl_anchor import AnchorConfig
-    from verl_anchor.capture import AttentionCapture
-    from verl_anchor.metrics import reference_stats, select_layers
+    from verl_anchor.capture.hooks import AttentionCapture
+    from verl_anchor.core.metrics import reference_stats, select_layers
 
     torch.manual_seed(0)
     impl = "eager" if mode == "dense" else "sdpa"

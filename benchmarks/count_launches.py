@@ -49,9 +49,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen3Config
 from transformers.modeling_utils import AttentionInterface
 
-from verl_anchor import AnchorConfig, capture, metrics, stats_engine
-from verl_anchor.capture_layout import SequenceLayout, find_sequences
-from verl_anchor.stats_engine import PackedSequences
+from verl_anchor import AnchorConfig
+from verl_anchor.capture import hooks as capture
+from verl_anchor.capture.layout import SequenceLayout, find_sequences
+from verl_anchor.core import metrics, stats_engine
+from verl_anchor.core.stats_engine import PackedSequences
 
 LAYERS = 5
 QWEN3_4B_HEADS = (32, 8, 128)  # query heads, KV heads, head dim
@@ -128,7 +130,7 @@ def counting(counts: Counts) -> Iterator[Counts]:
 @contextlib.contextmanager
 def kernels_counted_not_run() -> Iterator[None]:
     """Force the Triton path and count its launches without running them."""
-    from verl_anchor.kernels import triton_stats
+    from verl_anchor.core.kernels import triton_stats
 
     def fake_run(*args, **kwargs):
         _ACTIVE[-1].triton += 1

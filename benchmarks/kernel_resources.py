@@ -39,7 +39,7 @@ from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from verl_anchor.kernels import triton_stats  # noqa: E402
+from verl_anchor.core.kernels import triton_stats  # noqa: E402
 
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table): 163 KB, 227 KB.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from verl_anchor.metrics import HeadStats
+from verl_anchor.core.metrics import HeadStats
 
 
 def dense_attention(q, k, scale=None, dtype=torch.float64):

@@ -19,8 +19,8 @@ from test_metrics import _LargestTensor
 
 from verl_anchor.analysis import common, report
 from verl_anchor.cli import main
-from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import group_signals, reference_stats, select_layers
+from verl_anchor.core.config import AnchorConfig
+from verl_anchor.core.metrics import group_signals, reference_stats, select_layers
 
 MAX_NEW = 24
 
@@ -319,7 +319,7 @@ def hybrid_model(tmp_path_factory):
     """A tiny saved qwen3_next (linear-attention layers 0-2, full attention at 3) with the project's tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from verl_anchor.tiny import build_tokenizer, tiny_arch_config
+    from verl_anchor.models.tiny import build_tokenizer, tiny_arch_config
 
     path = tmp_path_factory.mktemp("qwen3_next")
     tokenizer = build_tokenizer(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from verl_anchor import tiny
+from verl_anchor.models import tiny
 from verl_anchor.usage import UsageError
 
 
@@ -36,7 +36,7 @@ def start_builder(builders: list, final: Path, release: Path) -> tuple[subproces
     code = textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        from verl_anchor.tiny import build_once
+        from verl_anchor.models.tiny import build_once
 
         def build(tmp):
             (tmp / "weights.bin").write_text("from the other process")

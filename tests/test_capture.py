@@ -10,10 +10,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from verl_anchor import AnchorConfig
-from verl_anchor.capture import AttentionCapture, CaptureError, sequence_segments
-from verl_anchor.credit import batch_weights
-from verl_anchor.metrics import reference_stats
-from verl_anchor.tiny import tiny_config
+from verl_anchor.capture.hooks import AttentionCapture, CaptureError, sequence_segments
+from verl_anchor.core.credit import batch_weights
+from verl_anchor.core.metrics import reference_stats
+from verl_anchor.models.tiny import tiny_config
 
 ARCHS = ["qwen3", "qwen2", "llama"]
 CFG = AnchorConfig(fai_h_lo=2, fai_h_hi=6, window=4)  # short horizons so short sequences exercise them
@@ -186,7 +186,7 @@ def test_sequence_segments_rules():
 def test_flash_packing_rules():
     """Under flash attention, position_ids mark packed sequences only in a batch of one row, split where they are 0
     (transformers' _is_packed_sequence / prepare_fa_kwargs_from_position_ids): other packings are refused."""
-    from verl_anchor.capture_layout import find_sequences
+    from verl_anchor.capture.layout import find_sequences
 
     cpu = torch.device("cpu")
 

@@ -8,9 +8,10 @@ import torch
 from test_capture import build
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from verl_anchor import AnchorConfig, stats_engine
-from verl_anchor.capture import AttentionCapture
-from verl_anchor.capture_layout import SequenceLayout
+from verl_anchor import AnchorConfig
+from verl_anchor.capture.hooks import AttentionCapture
+from verl_anchor.capture.layout import SequenceLayout
+from verl_anchor.core import stats_engine
 
 CFG = AnchorConfig(layers=[0, 2, 3], fai_h_lo=2, fai_h_hi=6, window=4)
 LAYOUTS = ["packed", "padded", "rows"]
@@ -119,7 +120,7 @@ class HostReads(TorchDispatchMode):
 def triton_dispatch(monkeypatch):
     """The CUDA dispatch on CPU tensors: `select_backend` answers "triton" (recording what it was asked about)
     and the kernels are replaced by a stand-in that records its calls and returns 1, 2, 3 for span, WAAD, FAI."""
-    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    triton_stats = pytest.importorskip("verl_anchor.core.kernels.triton_stats")
     asked, launches = [], []
 
     def select_backend(q):

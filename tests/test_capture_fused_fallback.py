@@ -5,8 +5,9 @@ import pytest
 import torch
 from helpers import assert_stats_close, dense_attention
 
-from verl_anchor import AnchorConfig, metrics
-from verl_anchor.metrics import attention_stats, reference_stats
+from verl_anchor import AnchorConfig
+from verl_anchor.core import metrics
+from verl_anchor.core.metrics import attention_stats, reference_stats
 
 CFG = AnchorConfig(window=4, fai_h_lo=2, fai_h_hi=6)  # band 6: chunks of 8 from position 8 on read a prefix
 

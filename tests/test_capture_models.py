@@ -9,9 +9,9 @@ from test_capture import CFG, SEQS, assert_matches
 from transformers import AutoModelForCausalLM
 
 from verl_anchor import AnchorConfig
-from verl_anchor.capture import AttentionCapture, CaptureError, capturable_layers
-from verl_anchor.metrics import reference_stats
-from verl_anchor.tiny import tiny_arch_config
+from verl_anchor.capture.hooks import AttentionCapture, CaptureError, capturable_layers
+from verl_anchor.core.metrics import reference_stats
+from verl_anchor.models.tiny import tiny_arch_config
 
 LONGEST = max(map(len, SEQS))  # 16: the max_length every exact model is built for
 # Families whose capture must equal their eager attention; windows and chunks are set to LONGEST (allowed).

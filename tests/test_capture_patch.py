@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from verl_anchor import AnchorConfig
-from verl_anchor.capture import AttentionCapture, CaptureError
-from verl_anchor.tiny import tiny_arch_config
+from verl_anchor.capture.hooks import AttentionCapture, CaptureError
+from verl_anchor.models.tiny import tiny_arch_config
 
 
 def build(arch="qwen3", impl="sdpa", seed=0):

@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 from transformers import modeling_flash_attention_utils as fa_utils
 from transformers.integrations import flash_attention
 
-from verl_anchor.capture import AttentionCapture, CaptureError
-from verl_anchor.tiny import tiny_config
+from verl_anchor.capture.hooks import AttentionCapture, CaptureError
+from verl_anchor.models.tiny import tiny_config
 
 SP = 2
 # (name, arch, query heads, key heads): 1 key head per rank; verl's KV repeat (1 key head, 2 ranks); 2 per rank.
@@ -126,8 +126,8 @@ def _rank(rank, store, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from verl.models.transformers import monkey_patch
 
-    from verl_anchor.capture_ulysses import gather_head_span
-    from verl_anchor.stats_engine import packed_token_stats, response_head_span
+    from verl_anchor.capture.ulysses import gather_head_span
+    from verl_anchor.core.stats_engine import packed_token_stats, response_head_span
 
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=SP, timeout=datetime.timedelta(seconds=120)

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from verl.models.transformers.monkey_patch import patch_forward_with_backends
 
 from verl_anchor import AnchorConfig
-from verl_anchor.capture import AttentionCapture
-from verl_anchor.tiny import tiny_arch_config
+from verl_anchor.capture.hooks import AttentionCapture
+from verl_anchor.models.tiny import tiny_arch_config
 
 CFG = AnchorConfig(layers=[1, 3], fai_h_lo=2, fai_h_hi=6, window=4)
 

@@ -42,7 +42,7 @@ def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_a_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from verl_anchor.data import cli as data_cli
+    from verl_anchor.commands import data as data_cli
 
     def broken(args: object) -> int:
         raise KeyError("a bug")
@@ -143,7 +143,7 @@ def test_empty_prompt_without_chat_template(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from verl_anchor.tiny import ensure_tiny_model
+    from verl_anchor.models.tiny import ensure_tiny_model
 
     path = ensure_tiny_model(tmp_path / "cache")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
@@ -391,27 +391,31 @@ def test_countdown_selected_split_of_size_0(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.fixture
 def nothing_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    from verl_anchor import demo
+    from verl_anchor.commands import demo
 
     monkeypatch.setattr(demo, "demo_overrides", lambda *args, **kwargs: pytest.fail("the demo started building"))
-    monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: pytest.fail("the demo started training"))
+    monkeypatch.setattr(
+        "verl_anchor.models.policy.ensure_policy", lambda *a, **k: pytest.fail("the demo started training")
+    )
 
 
 def test_demo_shows_each_step_with_the_accuracy_of_its_own_rollout_dump(tmp_path: Path, capsys, monkeypatch) -> None:
     """verl dumps a step's rollouts on a background thread, after or before its metrics line: the demo prints
     the step once both are there, the accuracy from this run's dump (a stale file from an earlier run is gone)."""
-    from verl_anchor import demo
-    from verl_anchor.cpu import launch
+    from verl_anchor.commands import demo
+    from verl_anchor.integration.cpu import launch
 
     policy = tmp_path / "policy"
     policy.mkdir()
     (policy / "policy.json").write_text(
         json.dumps({"parameters": 1e6, "heldout_accuracy": {"greedy": 0.2, "sampled_t1": 0.1}})
     )
-    monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: policy)
-    monkeypatch.setattr("verl_anchor.policy.policy_dir", lambda *a, **k: policy)
+    monkeypatch.setattr("verl_anchor.models.policy.ensure_policy", lambda *a, **k: policy)
+    monkeypatch.setattr("verl_anchor.models.policy.policy_dir", lambda *a, **k: policy)
     monkeypatch.setattr(demo, "demo_overrides", lambda *a, **k: [])
-    monkeypatch.setattr("verl_anchor.launch.check_main_ppo", lambda overrides: None)  # [] is not a demo's config
+    monkeypatch.setattr(
+        "verl_anchor.integration.compose.check_main_ppo", lambda overrides: None
+    )  # [] is not a demo's config
     out = tmp_path / "out"
     stale = out / "rollouts" / "1.jsonl"
     stale.parent.mkdir(parents=True)
@@ -447,7 +451,7 @@ def test_demo_steps_must_be_positive(
 def test_demo_unknown_estimator_with_a_suggestion(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], nothing_built: None
 ) -> None:
-    from verl_anchor.demo import check_estimator
+    from verl_anchor.commands.demo import check_estimator
 
     assert_usage_error(
         ["demo", "--out", str(tmp_path / "d"), "--estimator", "anchor_copuled"],

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from verl_anchor import compare
 from verl_anchor.cli import main
-from verl_anchor.tiny import ensure_tiny_model
+from verl_anchor.commands import compare
+from verl_anchor.models.tiny import ensure_tiny_model
 
 
 def rows_for(values: dict[str, list[float]], step: int = 10) -> list[dict]:
@@ -86,7 +86,7 @@ def test_plot_is_written(tmp_path):
     ],
 )
 def test_bad_options_are_one_error_line_before_anything_runs(argv, words, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: pytest.fail("started building"))
+    monkeypatch.setattr("verl_anchor.models.policy.ensure_policy", lambda *a, **k: pytest.fail("started building"))
     assert main(["compare", "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
@@ -109,7 +109,7 @@ def counted_evaluate(monkeypatch):
         calls.append(model.config.name_or_path)
         return 0.25
 
-    monkeypatch.setattr("verl_anchor.policy.evaluate", fake)
+    monkeypatch.setattr("verl_anchor.models.policy.evaluate", fake)
     return calls
 
 
@@ -151,7 +151,7 @@ def test_another_starting_policy_is_another_training(tmp_path, monkeypatch, coun
     """The runs' training cache is keyed by the starting policy's weights, not its directory's name."""
     trainings = []
     models = iter(same_named_models(tmp_path))
-    monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: next(models))
+    monkeypatch.setattr("verl_anchor.models.policy.ensure_policy", lambda *a, **k: next(models))
     monkeypatch.setattr(
         compare,
         "_run_one",

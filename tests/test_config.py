@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from verl_anchor import AnchorConfig
-from verl_anchor.metrics import select_layers
+from verl_anchor.core.metrics import select_layers
 
 
 def test_defaults_are_the_spec_table():

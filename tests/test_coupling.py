@@ -21,7 +21,7 @@ from verl_anchor.analysis.coupling import (
     shuffled_matched,
 )
 from verl_anchor.cli import main
-from verl_anchor.metrics import GroupSignals, HeadStats
+from verl_anchor.core.metrics import GroupSignals, HeadStats
 
 NAN = math.nan
 

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from verl_anchor import tiny
-from verl_anchor.cpu import cpu_env, cpu_overrides, register
-from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
+from verl_anchor.integration.cpu import cpu_env, cpu_overrides, register
+from verl_anchor.integration.cpu.launch import parse_step_metrics, run_main_ppo
+from verl_anchor.models import tiny
 
 MESSAGES = [{"role": "user", "content": "What is 12 + 35? Let's think step by step."}]
 
@@ -102,8 +102,8 @@ def test_register_is_idempotent():
     from verl.workers.rollout.base import _ROLLOUT_REGISTRY, get_rollout_class
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    from verl_anchor.cpu.platform import PlatformCPU
-    from verl_anchor.cpu.rollout import HFReplica, HFServerAdapter
+    from verl_anchor.integration.cpu.platform import PlatformCPU
+    from verl_anchor.integration.cpu.rollout import HFReplica, HFServerAdapter
 
     for _ in range(3):
         register()
@@ -158,16 +158,16 @@ def _probe(first_import: str, env: dict[str, str]) -> dict:
     return json.loads(out.stdout.split("PROBE", 1)[1])
 
 
-@pytest.mark.parametrize("first_import", ["import verl", "import verl_anchor.cpu.rollout"])
+@pytest.mark.parametrize("first_import", ["import verl", "import verl_anchor.integration.cpu.rollout"])
 def test_cpu_platform_resolves_under_cpu_env(first_import):
-    # "import verl_anchor.cpu.rollout" first is what the hf server's Ray actor process does.
+    # "import verl_anchor.integration.cpu.rollout" first is what the hf server's Ray actor process does.
     got = _probe(first_import, cpu_env())
     assert (got["device"], got["backend"], got["device_id"], got["gpu_name"]) == ("cpu", "gloo", "cpu", "CPU")
     assert got["allocated"] == 0 and 0 < got["mem"][0] <= got["mem"][1]
 
 
 def test_importing_cpu_mode_without_verl_platform_changes_nothing():
-    got = _probe("import verl_anchor.cpu", {})
+    got = _probe("import verl_anchor.integration.cpu", {})
     assert got["device"] != "cpu"  # stock detection (falls back to nvidia without a GPU)
     assert "cpu" in got["registered"]
 
@@ -186,7 +186,7 @@ def _eos_prone_model(out_dir: Path) -> Path:
 
 
 def test_hf_server_generates_with_log_probs_and_loads_weights(tmp_path):
-    from verl_anchor.cpu.rollout import HFServer
+    from verl_anchor.integration.cpu.rollout import HFServer
 
     server = HFServer(str(_eos_prone_model(tmp_path)), prompt_length=32, response_length=24)
     tok = tiny.build_tokenizer()
@@ -313,7 +313,7 @@ def test_main_ppo_grpo_runs_on_cpu(tmp_path, layout):
 
 
 def test_step_metrics_read_numpy_scalars_as_the_legacy_trainer_prints_them():
-    from verl_anchor.cpu.launch import parse_step_metrics
+    from verl_anchor.integration.cpu.launch import parse_step_metrics
 
     log = "noise\nstep:3 - critic/vf_loss:np.float64(0.081) - actor/lr:1e-05 - b:np.float32(-2e-3) - c:text\n"
     assert parse_step_metrics(log) == {3: {"critic/vf_loss": 0.081, "actor/lr": 1e-05, "b": -0.002}}

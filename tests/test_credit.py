@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from verl_anchor import AnchorConfig
-from verl_anchor.credit import (
+from verl_anchor.core.credit import (
     batch_weights,
     dominated_anchors,
     is_degenerate,
@@ -17,7 +17,7 @@ from verl_anchor.credit import (
     token_weights,
     waad_jumps,
 )
-from verl_anchor.metrics import TokenStats
+from verl_anchor.core.metrics import TokenStats
 
 
 # ---- the spec, written as plain loops (the oracle) --------------------------------------------

@@ -1,6 +1,6 @@
 """The demo's pipeline learns: a few anchor_coupled steps through verl raise the policy's reward on its prompts.
 
-The trained demo policy (`verl_anchor.policy`, built on first use) is run through `main_ppo` exactly as
+The trained demo policy (`verl_anchor.models.policy`, built on first use) is run through `main_ppo` exactly as
 `verl-anchor demo` runs it (same overrides: correct-equation reward, 8 responses per prompt), on two
 training prompts it solves sometimes, until it has seen each prompt several times. Its success rate on
 those prompts, measured before and after with the same sampling seed and 256 samples per prompt, must
@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
+from verl_anchor.commands.demo import POLICY_OVERRIDES, POLICY_RUN, demo_overrides
 from verl_anchor.data.countdown import COUNTDOWN_SCHEMA, countdown_rows
 from verl_anchor.data.schema import write_parquet
-from verl_anchor.demo import POLICY_OVERRIDES, POLICY_RUN, demo_overrides
-from verl_anchor.policy import ensure_policy, evaluate, policy_splits
+from verl_anchor.integration.cpu.launch import parse_step_metrics, run_main_ppo
+from verl_anchor.models.policy import ensure_policy, evaluate, policy_splits
 
 STEPS = 8
 SAMPLES = 256

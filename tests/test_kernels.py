@@ -1,4 +1,4 @@
-"""The Triton kernels (`verl_anchor.kernels.triton_stats`) on CPU tensors through Triton's interpreter,
+"""The Triton kernels (`verl_anchor.core.kernels.triton_stats`) on CPU tensors through Triton's interpreter,
 against the dense formulas (`metrics.reference_stats`) in float64.
 
 Triton must see TRITON_INTERPRET=1 before it is first imported (triton 3.9 reads it through
@@ -20,8 +20,8 @@ import torch
 from helpers import dense_attention
 
 from verl_anchor import AnchorConfig
-from verl_anchor.metrics import reference_stats
-from verl_anchor.stats_engine import PackedSequences, PackedTokenStats, packed_response_signals, packed_token_stats
+from verl_anchor.core.metrics import reference_stats
+from verl_anchor.core.stats_engine import PackedSequences, PackedTokenStats, packed_response_signals, packed_token_stats
 
 BOUNDED = AnchorConfig()  # the paper's training horizon [10, 100]
 ANALYSIS = AnchorConfig(fai_h_lo=0, fai_h_hi=None)  # horizon to the end of the sequence
@@ -74,8 +74,8 @@ def neighbours_inputs(before, after):
 
 def compute_in_interpreter(path: str) -> None:
     """Child process: every case's kernel outputs, saved to `path`."""
-    from verl_anchor import stats_engine
-    from verl_anchor.kernels import triton_stats
+    from verl_anchor.core import stats_engine
+    from verl_anchor.core.kernels import triton_stats
 
     def kernel_stats(q, k, cu, cfg, tile, inner):
         tiles = PackedSequences(cu, q.shape[1]).tiles(tile)

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from verl_anchor import AnchorConfig
-from verl_anchor.credit import batch_gamma, shape_advantages
+from verl_anchor.core.credit import batch_gamma, shape_advantages
 
 VOCAB, LENGTH = 16, 40
 LR = 1e-4  # small: the ratio stays inside PPO's clip range and the first-order picture holds

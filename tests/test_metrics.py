@@ -7,8 +7,9 @@ import torch
 from helpers import assert_stats_close, dense_attention, pooled_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from verl_anchor import AnchorConfig, metrics
-from verl_anchor.metrics import (
+from verl_anchor import AnchorConfig
+from verl_anchor.core import metrics
+from verl_anchor.core.metrics import (
     HeadStats,
     attention_map,
     attention_stats,

@@ -32,9 +32,9 @@ BAD_OVERRIDES = [
 @pytest.fixture
 def nothing_built(monkeypatch: pytest.MonkeyPatch) -> None:
     """The policy is not trained or evaluated and no data is written."""
-    from verl_anchor import compare, demo
+    from verl_anchor.commands import compare, demo
 
-    monkeypatch.setattr("verl_anchor.policy.ensure_policy", lambda *a, **k: pytest.fail("the policy was built"))
+    monkeypatch.setattr("verl_anchor.models.policy.ensure_policy", lambda *a, **k: pytest.fail("the policy was built"))
     monkeypatch.setattr(demo, "write_policy_data", lambda *a, **k: pytest.fail("the demo data was written"))
     monkeypatch.setattr(compare, "_evaluate_cached", lambda *a, **k: pytest.fail("the policy was evaluated"))
 
@@ -63,8 +63,8 @@ def test_bad_overrides_are_refused_before_anything_is_built(
 )
 def test_the_demo_config_itself_passes_the_check(tmp_path: Path, estimator: str) -> None:
     """The check does not trip on the CPU-mode overrides the demo adds (gae: verl's critic too)."""
-    from verl_anchor.demo import POLICY_OVERRIDES, POLICY_RUN, demo_overrides
-    from verl_anchor.launch import check_main_ppo
+    from verl_anchor.commands.demo import POLICY_OVERRIDES, POLICY_RUN, demo_overrides
+    from verl_anchor.integration.compose import check_main_ppo
 
     config = check_main_ppo(demo_overrides(tmp_path / "out", 3, estimator, POLICY_OVERRIDES, build=False, **POLICY_RUN))
     assert config.algorithm.adv_estimator == estimator and config.trainer.device == "cpu"
@@ -72,7 +72,7 @@ def test_the_demo_config_itself_passes_the_check(tmp_path: Path, estimator: str)
 
 
 def test_the_check_sees_the_overrides_the_run_gets(tmp_path: Path) -> None:
-    from verl_anchor.demo import demo_overrides
+    from verl_anchor.commands.demo import demo_overrides
 
     model = tmp_path / "model"  # only a path in the overrides: nothing loads it
     built = demo_overrides(
@@ -96,16 +96,16 @@ def test_the_check_sees_the_overrides_the_run_gets(tmp_path: Path) -> None:
 def test_compare_checks_every_run_with_its_own_overrides(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nothing_built: None
 ) -> None:
-    from verl_anchor import launch
+    from verl_anchor.integration import compose
 
     checked = []
 
     def check(overrides: list[str]) -> None:
         checked.append(overrides)
         if len(checked) == 4:
-            raise launch.UsageError("stop")
+            raise compose.UsageError("stop")
 
-    monkeypatch.setattr(launch, "check_main_ppo", check)
+    monkeypatch.setattr(compose, "check_main_ppo", check)
     assert (
         cli.main(
             [
@@ -201,7 +201,7 @@ def test_analysis_numbers_out_of_range(
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from verl_anchor.tiny import ensure_tiny_model
+    from verl_anchor.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny"))  # 2 layers: the middle third is both
 

@@ -37,7 +37,7 @@ def test_recipes_compose_from_a_built_wheel(tmp_path):
         names = set(archive.namelist())
         archive.extractall(tmp_path / "site")
     assert {f"verl_anchor/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= names
-    shipped = ROOT / "verl_anchor" / "assets" / "countdown-policy"  # the demo policy (verl_anchor.policy)
+    shipped = ROOT / "verl_anchor" / "assets" / "countdown-policy"  # the demo policy (verl_anchor.models.policy)
     assert {f"verl_anchor/assets/countdown-policy/{p.name}" for p in shipped.iterdir()} <= names
     # The unpacked wheel first on the path, ahead of the editable checkout.
     probe = (

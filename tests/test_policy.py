@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from verl_anchor import policy
 from verl_anchor.cli import main
 from verl_anchor.data.countdown import CountdownProblem
-from verl_anchor.policy import (
+from verl_anchor.models import policy
+from verl_anchor.models.policy import (
     DEFAULT_RECIPE,
     SHIPPED_POLICY,
     PolicyRecipe,
@@ -26,8 +26,8 @@ from verl_anchor.policy import (
     train_policy,
     worked_solution,
 )
+from verl_anchor.models.tiny import CacheError, asset_problem
 from verl_anchor.rewards.countdown import score_countdown
-from verl_anchor.tiny import CacheError, asset_problem
 from verl_anchor.usage import UsageError
 
 # Small enough to train in seconds: the loop, the cache and determinism, not the accuracy.
@@ -164,9 +164,10 @@ def test_the_shipped_policy_is_the_default_recipes_complete_and_small():
 
 def test_every_shipped_policy_file_is_package_data():
     """The wheel carries what setuptools' package-data globs match (relative to the package directory)."""
-    root = Path(policy.__file__).resolve().parents[1]
-    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["verl_anchor"]
-    package = Path(policy.__file__).resolve().parent
+    package = Path(policy.__file__).resolve().parents[1]  # verl_anchor/, whose package data the globs name
+    globs = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "verl_anchor"
+    ]
     for path in SHIPPED_POLICY.iterdir():
         assert any(fnmatch(path.relative_to(package).as_posix(), g) for g in globs), path
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from verl_anchor.cli import main
-from verl_anchor.cpu.launch import LOCK_FILE, hold_output_dir
-from verl_anchor.demo import demo_overrides
+from verl_anchor.commands.demo import demo_overrides
+from verl_anchor.integration.cpu.launch import LOCK_FILE, hold_output_dir
+from verl_anchor.models.tiny import ensure_tiny_model
 from verl_anchor.rewards.math_verify_pool import MathVerifier
-from verl_anchor.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # A main_ppo stand-in: a child that leaves the session (setsid, as a daemon would), both pids in pids.txt, sleep.
@@ -42,7 +42,7 @@ time.sleep(600)
 _LAUNCHER = """
 import os, sys
 from pathlib import Path
-from verl_anchor.cpu.launch import run_main_ppo
+from verl_anchor.integration.cpu.launch import run_main_ppo
 if "RUN_PYTHONPATH" in os.environ:  # the run's (a stand-in verl), set after verl_anchor imported the real one
     os.environ["PYTHONPATH"] = os.environ.pop("RUN_PYTHONPATH")
 workdir = Path(sys.argv[1])
@@ -158,7 +158,8 @@ def test_a_dir_that_a_live_run_holds_is_refused_until_the_run_is_gone(
     workdir = tmp_path / "run"
     locking = _LAUNCHER.replace(
         "workdir = Path(sys.argv[1])\n",
-        "workdir = Path(sys.argv[1])\nfrom verl_anchor.cpu.launch import hold_output_dir\nhold_output_dir(workdir)\n",
+        "workdir = Path(sys.argv[1])\n"
+        "from verl_anchor.integration.cpu.launch import hold_output_dir\nhold_output_dir(workdir)\n",
     )
     assert locking != _LAUNCHER
     workdir.mkdir()

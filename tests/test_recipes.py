@@ -80,8 +80,8 @@ def test_train_launcher_prepares_missing_data_and_prints_the_command(tmp_path, m
 def test_a_recipe_follows_the_base_rule_and_its_critic_switch(tmp_path):
     """The recipes leave base_estimator unset: one response per prompt is refused, critic.enable=true is PPO
     (its model the actor's unless critic.model.path names one), and +algorithm.anchor.base_estimator works."""
-    from verl_anchor.launch import compose_recipe, validate
-    from verl_anchor.tiny import ensure_tiny_model
+    from verl_anchor.integration.compose import compose_recipe, validate
+    from verl_anchor.models.tiny import ensure_tiny_model
     from verl_anchor.usage import UsageError
 
     with pytest.raises(UsageError, match="rollout.n=1 without critic.enable=true"):

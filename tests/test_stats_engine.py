@@ -1,4 +1,4 @@
-"""The batched statistics engine (`verl_anchor.stats_engine`) on its torch path, against the per-sequence
+"""The batched statistics engine (`verl_anchor.core.stats_engine`) on its torch path, against the per-sequence
 `metrics` functions and the dense reference; its dispatch; and bench_gpu's exit without CUDA."""
 
 import ast
@@ -13,9 +13,10 @@ import pytest
 import torch
 from helpers import dense_attention
 
-from verl_anchor import AnchorConfig, stats_engine
-from verl_anchor.metrics import group_heads, reference_stats, response_signals, token_stats
-from verl_anchor.stats_engine import (
+from verl_anchor import AnchorConfig
+from verl_anchor.core import stats_engine
+from verl_anchor.core.metrics import group_heads, reference_stats, response_signals, token_stats
+from verl_anchor.core.stats_engine import (
     PackedSequences,
     group_means,
     packed_response_signals,
@@ -185,7 +186,7 @@ def test_invalid_inputs_raise_clear_errors():
 
 def _forget_devices():
     if importlib.util.find_spec("triton") is not None:
-        from verl_anchor.kernels import triton_stats
+        from verl_anchor.core.kernels import triton_stats
 
         triton_stats.cuda_device_problem.cache_clear()
 
@@ -224,7 +225,7 @@ def test_dispatch_by_device(monkeypatch, fake_cuda_device):
 
 
 def test_triton_backend_calls_the_kernels_once_per_layer(monkeypatch):
-    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    triton_stats = pytest.importorskip("verl_anchor.core.kernels.triton_stats")
     calls = []
 
     def fake_kernels(q, k, tiles, window, lo, hi, scale):
@@ -243,7 +244,7 @@ def test_triton_backend_calls_the_kernels_once_per_layer(monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The Triton backend selected (as on CUDA) with its launcher replaced by a recorder: what it would be given."""
-    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    triton_stats = pytest.importorskip("verl_anchor.core.kernels.triton_stats")
     calls = []
 
     def recorder(q, k, tiles, window, lo, hi, scale):
@@ -290,7 +291,7 @@ def test_head_slice_crossing_a_key_head_group_is_refused(kernel_calls, monkeypat
 def test_kernels_get_one_dtype_unit_stride_along_d_and_their_block_sizes(kernel_calls):
     """fp16 q with fp32 k failed inside `tl.dot`, and the kernels index D contiguously: the launcher gets both
     in their common dtype with unit stride along D, and the tiles of that dtype's block size (its default)."""
-    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    triton_stats = pytest.importorskip("verl_anchor.core.kernels.triton_stats")
     q, k, cu = packed_inputs([4, 6])
     packed_token_stats(q.half(), k.transpose(1, 2).contiguous().transpose(1, 2), cu, AnchorConfig())
     packed_token_stats(q.half(), k.half(), cu, AnchorConfig())
@@ -362,14 +363,15 @@ def test_bench_gpu_imports_only_torch_transformers_and_triton():
                 for candidate in (ROOT / f"{name.replace('.', '/')}.py", ROOT / name.replace(".", "/") / "__init__.py"):
                     if candidate.exists():
                         todo.append(candidate)
-    assert ROOT / "verl_anchor" / "capture.py" in seen and ROOT / "verl_anchor" / "kernels" / "triton_stats.py" in seen
+    assert ROOT / "verl_anchor" / "capture" / "hooks.py" in seen
+    assert ROOT / "verl_anchor" / "core" / "kernels" / "triton_stats.py" in seen
     assert packages - sys.stdlib_module_names == {"torch", "transformers", "triton", "numpy", "flash_attn"}
 
 
 def test_kernel_device_rules():
     """sm_80/sm_90 (and 8.x with 99 KB) run head dims up to 128; sm_75, wider heads, or too little shared memory
     do not. The shared memory asked is `shared_memory_bytes`, which the compile check bounds by what triton uses."""
-    triton_stats = pytest.importorskip("verl_anchor.kernels.triton_stats")
+    triton_stats = pytest.importorskip("verl_anchor.core.kernels.triton_stats")
     for capability, shared, head_dim in [
         ((8, 0), 163 * 1024, 128),
         ((8, 6), 99 * 1024, 128),
@@ -387,9 +389,9 @@ def test_kernel_device_rules():
 
 
 def test_devices_the_kernels_do_not_fit_fall_back_to_torch_with_one_warning(fake_cuda_device, caplog):
-    pytest.importorskip("verl_anchor.kernels.triton_stats")
+    pytest.importorskip("verl_anchor.core.kernels.triton_stats")
     fake_cuda_device((7, 5), 64 * 1024)
-    with caplog.at_level("WARNING", logger="verl_anchor.kernels.triton_stats"):
+    with caplog.at_level("WARNING", logger="verl_anchor.core.kernels.triton_stats"):
         assert select_backend(cuda_query()) == select_backend(cuda_query()) == "torch"
     [warning] = caplog.records
     assert "take the torch path" in warning.getMessage() and "compute capability 7.5" in warning.getMessage()
@@ -401,15 +403,15 @@ def test_devices_the_kernels_do_not_fit_fall_back_to_torch_with_one_warning(fake
 def test_capture_decides_the_backend_when_built_not_at_the_first_forward(fake_cuda_device, caplog):
     """Where the capture is built (start-up, `anchor_prepare`), the device is judged and the fallback warned
     about; the forwards' dispatch then reuses that answer without a second warning."""
-    pytest.importorskip("verl_anchor.kernels.triton_stats")
+    pytest.importorskip("verl_anchor.core.kernels.triton_stats")
     from transformers import AutoModelForCausalLM
 
-    from verl_anchor.capture import AttentionCapture
-    from verl_anchor.tiny import tiny_config
+    from verl_anchor.capture.hooks import AttentionCapture
+    from verl_anchor.models.tiny import tiny_config
 
     model = AutoModelForCausalLM.from_config(tiny_config("qwen3", num_hidden_layers=2))
     fake_cuda_device((7, 5), 64 * 1024)
-    with caplog.at_level("WARNING", logger="verl_anchor.kernels.triton_stats"):
+    with caplog.at_level("WARNING", logger="verl_anchor.core.kernels.triton_stats"):
         capture = AttentionCapture(model, AnchorConfig(layers=[0, 1]))
         assert len(caplog.records) == 1  # at build, before any forward
         assert select_backend(cuda_query(head_dim=model.config.head_dim)) == "torch"

@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDict
 
 from verl_anchor import AnchorConfig
-from verl_anchor.credit import response_seed, shape_advantages, token_weights
+from verl_anchor.core.credit import response_seed, shape_advantages, token_weights
 from verl_anchor.integration.advantage import ResponseBatch, scale_advantages
 from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
 from verl_anchor.integration.settings import AnchorSettings

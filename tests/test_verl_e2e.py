@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from verl_anchor.cpu import cpu_env
-from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
-from verl_anchor.demo import demo_overrides
-from verl_anchor.tiny import ensure_tiny_model
+from verl_anchor.commands.demo import demo_overrides
+from verl_anchor.integration.cpu import cpu_env
+from verl_anchor.integration.cpu.launch import parse_step_metrics, run_main_ppo
+from verl_anchor.models.tiny import ensure_tiny_model
 
 # A reward with variance (the fraction of digits in the response): a random model never solves
 # Countdown, and with equal rewards GRPO's advantages are all zero, so nothing could be amplified.

@@ -117,7 +117,8 @@ def test_import_verl_loads_no_trainer_modules_until_they_are_used():
         "import verl\n"
         "sys.stderr.write('--imported--\\n'); sys.stderr.flush()\n"
         "heavy = [m for m in ('verl.trainer.ppo.v1', 'verl.trainer.ppo.core_algos', 'verl.workers.engine',\n"
-        "                     'verl.workers.rollout', 'verl_anchor.integration.trainer', 'verl_anchor.cpu')\n"
+        "                     'verl.workers.rollout', 'verl_anchor.integration.trainer',\n"
+        "                     'verl_anchor.integration.cpu')\n"
         "         if m in sys.modules]\n"
         "print('heavy', heavy)\n"
         "from verl.trainer.ppo import core_algos\n"
@@ -135,4 +136,4 @@ def test_import_verl_loads_no_trainer_modules_until_they_are_used():
     import_output = proc.stderr.split("--imported--")[0]
     assert "--imported--" in proc.stderr and "warn" not in import_output.lower(), import_output
     assert "estimator True" in lines and "trainer AnchorPPOTrainerSync" in lines
-    assert "rollout verl_anchor.cpu.rollout.HFServerAdapter" in lines
+    assert "rollout verl_anchor.integration.cpu.rollout.HFServerAdapter" in lines

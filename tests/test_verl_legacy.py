@@ -15,8 +15,8 @@ from hydra.core.global_hydra import GlobalHydra
 from tensordict import TensorDict
 from verl import DataProto
 
-import verl_anchor.verl_plugin  # noqa: F401  (entry point: patches verl's modules on import)
-from verl_anchor.credit import token_weights
+import verl_anchor.integration.plugin  # noqa: F401  (entry point: patches verl's modules on import)
+from verl_anchor.core.credit import token_weights
 from verl_anchor.integration import legacy
 from verl_anchor.integration.settings import read_settings
 from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY

@@ -14,12 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from verl_anchor import AnchorConfig
-from verl_anchor.capture import AttentionCapture
-from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
-from verl_anchor.credit import token_weights
-from verl_anchor.demo import demo_overrides
-from verl_anchor.metrics import response_signals
-from verl_anchor.tiny import ensure_tiny_model
+from verl_anchor.capture.hooks import AttentionCapture
+from verl_anchor.commands.demo import demo_overrides
+from verl_anchor.core.credit import token_weights
+from verl_anchor.core.metrics import response_signals
+from verl_anchor.integration.cpu.launch import parse_step_metrics, run_main_ppo
+from verl_anchor.models.tiny import ensure_tiny_model
 
 _REWARD = """
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):

@@ -162,7 +162,7 @@ def test_megatron_is_fine_for_strategies_without_attention():
 def test_validate_config_hook_runs_the_anchor_checks_first():
     import verl.utils.config as verl_config
 
-    import verl_anchor.verl_plugin  # noqa: F401  (entry point module: patches validate_config)
+    import verl_anchor.integration.plugin  # noqa: F401  (entry point module: patches validate_config)
 
     assert getattr(verl_config.validate_config, "_verl_anchor", False)
     with pytest.raises(ValueError, match="did you mean algorithm.adv_estimator=anchor_coupled"):
@@ -202,7 +202,7 @@ def test_bypass_mode_refuses_what_needs_the_forward_and_lets_random_run():
 def test_the_math_rewards_options_are_checked_in_the_driver(monkeypatch):
     import verl.utils.config as verl_config
 
-    import verl_anchor.verl_plugin  # noqa: F401
+    import verl_anchor.integration.plugin  # noqa: F401
     from verl_anchor.rewards import math_verify_pool
 
     reward = [

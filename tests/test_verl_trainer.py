@@ -13,8 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from tensordict import NonTensorStack, TensorDict
 from transfer_queue import KVBatchMeta
 
-import verl_anchor.verl_plugin  # noqa: F401  (entry point: wraps get_trainer_cls and validate_config)
-from verl_anchor.credit import token_weights
+import verl_anchor.integration.plugin  # noqa: F401  (entry point: wraps get_trainer_cls and validate_config)
+from verl_anchor.core.credit import token_weights
 from verl_anchor.integration import trainer as anchor_trainer
 from verl_anchor.integration.settings import read_settings
 from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY

@@ -10,10 +10,10 @@ from test_capture_engine import HostReads
 from transformers import AutoModelForCausalLM
 
 from verl_anchor import AnchorConfig
-from verl_anchor.capture import AttentionCapture
+from verl_anchor.capture.hooks import AttentionCapture
+from verl_anchor.core.metrics import group_signals
 from verl_anchor.integration.worker import anchor_outputs
-from verl_anchor.metrics import group_signals
-from verl_anchor.tiny import tiny_config
+from verl_anchor.models.tiny import tiny_config
 
 PROMPTS = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
 RESPONSES = [list(range(20, 45)), [50], list(range(60, 78))]

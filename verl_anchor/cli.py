@@ -27,26 +27,32 @@ from verl_anchor.usage import UsageError, one_line
 
 # name -> (module, one-line help). Each module provides `configure_parser(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("verl_anchor.demo", "run a few GRPO steps with anchor_coupled through real verl on CPU (no downloads)"),
-    "data": ("verl_anchor.data.cli", "prepare a dataset in verl's parquet schema"),
+    "demo": (
+        "verl_anchor.commands.demo",
+        "run a few GRPO steps with anchor_coupled through real verl on CPU (no downloads)",
+    ),
+    "data": ("verl_anchor.commands.data", "prepare a dataset in verl's parquet schema"),
     "analyze": (
-        "verl_anchor.analysis.report",
+        "verl_anchor.commands.analyze",
         "per-token WAAD / FAI / entropy and attention maps of a model's responses as an HTML report",
     ),
     "coupling": (
-        "verl_anchor.analysis.coupling",
+        "verl_anchor.commands.coupling",
         "the paper's Table 2: entropy at WAAD peaks, FAI peaks after WAAD peaks, receiver heads",
     ),
     "perturb": (
-        "verl_anchor.analysis.perturb",
+        "verl_anchor.commands.perturb",
         "the paper's Table 1: how much forcing another token at high- vs low-FAI positions changes the rest",
     ),
-    "train": ("verl_anchor.launch", "run a recipe of the paper with verl (prepares missing data first)"),
+    "train": ("verl_anchor.commands.train", "run a recipe of the paper with verl (prepares missing data first)"),
     "compare": (
-        "verl_anchor.compare",
+        "verl_anchor.commands.compare",
         "estimators x seeds through verl on CPU from the trained Countdown policy: held-out accuracy table and plot",
     ),
-    "policy": ("verl_anchor.policy", "the shipped Countdown policy: its accuracy, measured again, or trained anew"),
+    "policy": (
+        "verl_anchor.commands.policy",
+        "the shipped Countdown policy: its accuracy, measured again, or trained anew",
+    ),
 }
 
 
@@ -69,7 +75,7 @@ def _quiet_libraries(command: str | None) -> None:
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category)
         warnings.filterwarnings("ignore", module=_LIBRARIES)
-        # verl's need_critic warns with stacklevel=2, i.e. as if from its caller (verl_anchor.launch).
+        # verl's need_critic warns with stacklevel=2, i.e. as if from its caller (verl_anchor.commands.train).
         warnings.filterwarnings("ignore", message="Disabled critic as algorithm.adv_estimator")
     if not logging.root.handlers:
         # Installed before verl is imported, so verl's `logging.basicConfig` (a WARNING handler on the

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from verl_anchor.capture import AttentionCapture, CaptureError
-from verl_anchor.config import MAX_LAYERS, AnchorConfig
-from verl_anchor.credit import select_tokens, waad_jumps
-from verl_anchor.metrics import GroupSignals, HeadStats, group_heads, response_signals
+from verl_anchor.capture.hooks import AttentionCapture, CaptureError
+from verl_anchor.core.config import MAX_LAYERS, AnchorConfig
+from verl_anchor.core.credit import select_tokens, waad_jumps
+from verl_anchor.core.metrics import GroupSignals, HeadStats, group_heads, response_signals
 from verl_anchor.usage import (
     UsageError,
     bounded_int,
@@ -48,7 +48,7 @@ DEFAULT_NUM_LAYERS = AnchorConfig.num_layers  # training's default, the paper's
 def demo_prompts() -> list[str]:
     """`--demo`'s prompts: the demo policy's first held-out Countdown problems, in its short prompt."""
     from verl_anchor.data.countdown import countdown_prompt
-    from verl_anchor.policy import policy_splits
+    from verl_anchor.models.policy import policy_splits
 
     return [
         countdown_prompt(p.numbers, p.target, "short")[0]["content"] for p in policy_splits().heldout[:DEMO_PROBLEMS]
@@ -215,7 +215,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.demo:
-        from verl_anchor.policy import ensure_policy
+        from verl_anchor.models.policy import ensure_policy
 
         path = str(ensure_policy())
     else:

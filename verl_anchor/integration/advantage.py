@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
-from verl_anchor.credit import batch_gamma, effective_gamma, shape_advantages
+from verl_anchor.core.credit import batch_gamma, effective_gamma, shape_advantages
 from verl_anchor.integration.settings import AnchorSettings
 
 

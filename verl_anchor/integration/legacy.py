@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from verl_anchor.credit import response_seed
+from verl_anchor.core.credit import response_seed
 from verl_anchor.integration import verl_api
 from verl_anchor.integration.advantage import ResponseBatch, padded, scale_advantages, token_digest, write_dump
 from verl_anchor.integration.estimator import refuse_outside_anchor_trainer

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from verl_anchor.config import AnchorConfig, suggest
+from verl_anchor.core.config import AnchorConfig, suggest
 from verl_anchor.integration import verl_api
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tensordict import TensorDict
 
-from verl_anchor.credit import response_seed
+from verl_anchor.core.credit import response_seed
 from verl_anchor.integration.advantage import ResponseBatch, scale_advantages, token_digest, write_dump
 from verl_anchor.integration.settings import AnchorSettings, prepare_config
 from verl_anchor.integration.verl_api import response_to_nested

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from verl_anchor.capture import AttentionCapture
-from verl_anchor.capture_ulysses import gather_head_span, sequence_parallel_group, sum_over_ranks
-from verl_anchor.config import AnchorConfig
+from verl_anchor.capture.hooks import AttentionCapture
+from verl_anchor.capture.ulysses import gather_head_span, sequence_parallel_group, sum_over_ranks
+from verl_anchor.core.config import AnchorConfig
+from verl_anchor.core.stats_engine import PackedTokenStats, packed_response_signals
 from verl_anchor.integration.verl_api import (
     ActorRolloutRefWorker,
     DetachActorWorker,
@@ -39,7 +40,6 @@ from verl_anchor.integration.verl_api import (
     register,
 )
 from verl_anchor.integration.verl_api import tensordict_utils as tu
-from verl_anchor.stats_engine import PackedTokenStats, packed_response_signals
 
 ANCHOR_OPTIONS_KEY = "anchor_cfg"  # extra_info key the trainer sets for the old-log-prob call
 OUTPUT_KEYS = ("anchor_waad", "anchor_fai", "anchor_seq")
@@ -52,7 +52,7 @@ def anchor_outputs(
 
     All responses at once (`stats_engine.packed_response_signals`) on the statistics' device; one host
     sync per micro-batch, to check that the captured sequences are the micro-batch's. Under Ulysses
-    sequence parallelism each rank holds some heads: the ranks combine theirs (`capture_ulysses`; two
+    sequence parallelism each rank holds some heads: the ranks combine theirs (`capture.ulysses`; two
     more syncs) and every rank writes the same outputs.
     """
     start = time.perf_counter()

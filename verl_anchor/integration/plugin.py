@@ -13,7 +13,7 @@ concerned (`_after_import`), so a process that never trains pays nothing for it:
   back with the anchor step (`integration.trainer`);
 - on import of `verl.trainer.ppo.ray_trainer` and `metric_utils`: the legacy trainer (`trainer.use_v1=false`,
   `RayPPOTrainer` and the recipes' subclasses) and its module functions are patched in place (`integration.legacy`);
-- the CPU platform and HF rollout of `verl_anchor.cpu`: at once under `VERL_PLATFORM=cpu` (verl
+- the CPU platform and HF rollout of `verl_anchor.integration.cpu`: at once under `VERL_PLATFORM=cpu` (verl
   resolves the platform early), else on import of `verl.workers.rollout` (for `rollout.name=hf`).
 
 verl swallows plugin import errors at DEBUG level; this module logs its own at WARNING,
@@ -157,7 +157,7 @@ def _patch_metric_utils(metric_utils: ModuleType) -> None:
 
 
 def _register_cpu_mode(rollout: ModuleType | None = None) -> None:
-    importlib.import_module("verl_anchor.cpu")  # registers the platform and the hf rollout on import
+    importlib.import_module("verl_anchor.integration.cpu")  # registers the platform and the hf rollout on import
 
 
 def register() -> None:

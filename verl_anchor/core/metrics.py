@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from verl_anchor.config import AnchorConfig, floor_count
+from verl_anchor.core.config import AnchorConfig, floor_count
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ def _fused_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention that also returns the row log-sum-exp, from the fused kernel
     `stats_engine.fused_attention_kernel` picks for the device."""
-    from verl_anchor import stats_engine  # here, not at the top: stats_engine imports this module
+    from verl_anchor.core import stats_engine  # here, not at the top: stats_engine imports this module
 
     kernel = stats_engine.fused_attention_kernel(q.device)
     if kernel is None:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from verl_anchor.config import AnchorConfig, ceil_count
-from verl_anchor.metrics import TokenStats, response_signals
+from verl_anchor.core.config import AnchorConfig, ceil_count
+from verl_anchor.core.metrics import TokenStats, response_signals
 
 
 def select_tokens(values: torch.Tensor, ratio: float, select: str = "top") -> torch.Tensor:

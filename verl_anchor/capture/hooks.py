@@ -2,7 +2,7 @@
 
 `AttentionCapture(model, cfg, max_length=...)` is a context manager. While it is active, every
 forward of `model` computes, for the selected layers only, the per-token statistics of
-`verl_anchor.metrics.TokenStats` from the post-RoPE `q`, `k` that the model's attention
+`verl_anchor.core.metrics.TokenStats` from the post-RoPE `q`, `k` that the model's attention
 function receives, and hands the model's own attention function the same arguments, so the
 model's outputs do not change. No `N x N` matrix is built (the eager implementation builds its
 own, but that is the model's choice, not ours).
@@ -19,7 +19,7 @@ decoder (a forward pre-hook with kwargs and a forward hook), binds each call to 
 signature and folds `**kwargs` in, whatever the wrappers pass positionally or by keyword.
 
 Sequences are found from the decoder's inputs as transformers' masking finds them
-(`verl_anchor.capture_layout`): each row's unmasked tokens with a 2-D `attention_mask`; without one
+(`verl_anchor.capture.layout`): each row's unmasked tokens with a 2-D `attention_mask`; without one
 and without a KV cache (`past_key_values` is None and `use_cache` resolves to False: the argument,
 else the decoder config's `use_cache`, and False under gradient checkpointing in training, as
 transformers resolves it; verl passes `use_cache=False`), `position_ids` that do not step by 1 start
@@ -35,19 +35,8 @@ function gets a mask, the post-hook reads the checks of all layers against it at
 gives one `TokenStats` per sequence (analysis, tests); `pop_packed()` the packed statistics of each
 forward as they are, on the device (the worker).
 
-The attention function: transformers looks it up by name in `ALL_ATTENTION_FUNCTIONS` on every
-call. While at least one capture is active, one dispatcher sits under each implementation name in
-use (`eager`, `sdpa`, `flash_attention_2`, ...) in that mapping's local layer; it shows every call
-to each active capture (each records only its own model's selected layers) and then calls the
-function that was there before (under Ulysses SP it then checks that the call reached verl's inner
-flash call). The first capture to enter installs it and the last to exit puts the entry back
-exactly as it found it, so captures may nest, exit in any order, and run at the same time on
-different models in different threads; the registry holds no capture once all have exited. Entering
-a capture that is already active is refused, and so is entering a capture of a model that a capture
-entered in another thread is still capturing: the state of the forward in progress is per capture,
-not per thread, and each capture's hooks see every forward of its model, so two threads capturing
-one model would mix their forwards. Using the model's existing name matters: a new name would need
-its own mask function, and without one transformers silently drops the padding mask.
+The attention function is shared by every active capture through one dispatcher per implementation
+name (`capture.dispatch`).
 
 The implementation is the one the decoder's config names when the capture is entered: a
 `set_attn_implementation` between building and entering is followed (and checked again, as when
@@ -55,14 +44,14 @@ built); one while the capture is active is refused at the next forward.
 
 Under verl's Ulysses sequence parallelism (its group set while the decoder runs) the decoder and the attention
 function see a slice of every sequence: the statistics are then taken from verl's inner flash call, after its
-all-to-all, for whole sequences and this rank's heads (`verl_anchor.capture_ulysses`).
+all-to-all, for whole sequences and this rank's heads (`verl_anchor.capture.ulysses`).
 
 Where the statistics run is decided when the capture is built, too: on a CUDA device the kernels cannot
 run on (capability, shared memory, head dim: `stats_engine.kernel_device_problem`) they take the torch
 path, with one warning at start-up (`kernel_problem` says why).
 
 Attention the statistics do not model is refused when the capture is built, never approximated
-(`verl_anchor.capture_checks`; `docs/models.md` lists the model families). Each forward checks
+(`verl_anchor.capture.checks`; `docs/models.md` lists the model families). Each forward checks
 again what only the inputs show: a sequence longer than a window, a row longer than an attention
 chunk, a KV cache, soft-capping or sinks passed to the attention function, and a mask that does
 not separate the sequences the capture found (a decoder that builds its mask its own way, as OPT
@@ -75,31 +64,29 @@ import dataclasses
 import inspect
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from verl_anchor import capture_ulysses, stats_engine
-from verl_anchor.capture_checks import (
+from verl_anchor.capture import dispatch
+from verl_anchor.capture import ulysses as capture_ulysses
+from verl_anchor.capture.checks import (
     LAYERS_OPTION,
     CaptureError,
     attention_modules,
     capturable_layers,
     check_model,
-    eager_default,
     find_decoder,
     layer_problems,
     layers_message,
     num_layers,
     statistics_device_problem,
 )
-from verl_anchor.capture_layout import SequenceLayout, find_sequences, sequence_segments
-from verl_anchor.config import AnchorConfig
-from verl_anchor.integration import verl_api
-from verl_anchor.integration.verl_api import ALL_ATTENTION_FUNCTIONS
-from verl_anchor.metrics import DEFAULT_CHUNK, TokenStats, attention_map, select_layers
-from verl_anchor.stats_engine import PackedTokenStats
+from verl_anchor.capture.layout import SequenceLayout, find_sequences, sequence_segments
+from verl_anchor.core import stats_engine
+from verl_anchor.core.config import AnchorConfig
+from verl_anchor.core.metrics import DEFAULT_CHUNK, TokenStats, attention_map, select_layers
+from verl_anchor.core.stats_engine import PackedTokenStats
 
 __all__ = [
     "AttentionCapture",
@@ -110,8 +97,6 @@ __all__ = [
     "find_sequences",
     "sequence_segments",
 ]
-
-_MISSING = object()
 
 
 @dataclasses.dataclass
@@ -194,11 +179,11 @@ class AttentionCapture:
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> AttentionCapture:
         implementation = self._model_implementation()
-        if implementation != self.implementation and not any(active is self for active in _REGISTRY.active):
+        if implementation != self.implementation and not any(active is self for active in dispatch.REGISTRY.active):
             # set_attn_implementation since the capture was built: follow it (checked again, as when built)
             self._limits = self._check(implementation)
             self.implementation = implementation
-        _REGISTRY.enter(self)
+        dispatch.REGISTRY.enter(self)
         self._handles = [
             self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.decoder.register_forward_hook(self._after_forward),
@@ -210,7 +195,7 @@ class AttentionCapture:
             handle.remove()
         self._handles = []
         self._forward = None
-        _REGISTRY.exit(self)
+        dispatch.REGISTRY.exit(self)
 
     # -- results ---------------------------------------------------------------------------
     def pop(self) -> list[TokenStats]:
@@ -266,7 +251,7 @@ class AttentionCapture:
             self._forward = _Forward(
                 None,
                 capture_ulysses.begin(
-                    group, self.implementation, call, tokens, self.map_bins is not None, _observe_gathered
+                    group, self.implementation, call, tokens, self.map_bins is not None, dispatch.observe_gathered
                 ),
             )
             return
@@ -277,7 +262,7 @@ class AttentionCapture:
             use_cache = getattr(module.config, "use_cache", False)
         if getattr(module, "gradient_checkpointing", False) and module.training:
             use_cache = False
-        # Flash attention reads position_ids whatever the cache (capture_layout.find_sequences, flash=True).
+        # Flash attention reads position_ids whatever the cache (layout.find_sequences, flash=True).
         flash = "flash" in self.implementation
         packed = flash or (call.get("past_key_values") is None and not use_cache)
         layout = find_sequences(
@@ -320,7 +305,7 @@ class AttentionCapture:
         if layer is not None and forward is not None:
             if forward.ulysses is None:
                 self._record(layer, query, key, mask, kwargs, forward)
-            else:  # recorded from verl's inner call, after its all-to-all (`_observe_gathered`)
+            else:  # recorded from verl's inner call, after its all-to-all (`dispatch.observe_gathered`)
                 forward.ulysses.pending = (layer, query.shape[1], mask, kwargs)
 
     def _observed(self, module: torch.nn.Module) -> None:
@@ -448,87 +433,3 @@ class AttentionCapture:
             "its mask its own way: give it padded rows with a 2-D attention_mask (in verl: actor_rollout_ref.model."
             "use_remove_padding=False) instead of packed position_ids"
         )
-
-
-class _Registry:
-    """The dispatchers that active captures share in `ALL_ATTENTION_FUNCTIONS` (module doc)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.active: tuple[AttentionCapture, ...] = ()  # replaced, never mutated: dispatchers read it unlocked
-        self._installed: dict[str, tuple[Callable, Any]] = {}  # name -> (dispatcher, the entry it replaced)
-
-    def enter(self, capture: AttentionCapture) -> None:
-        with self._lock:
-            if any(active is capture for active in self.active):
-                raise CaptureError(
-                    "this AttentionCapture is already active: enter it once at a time "
-                    "(build a second capture to capture the same model twice)"
-                )
-            thread = threading.get_ident()
-            if any(active.decoder is capture.decoder and active._thread != thread for active in self.active):
-                raise CaptureError(
-                    f"this {type(capture.decoder).__name__} is already being captured by an AttentionCapture "
-                    "entered in another thread; the captures of one model share its forward hooks and the state "
-                    "of the forward in progress, so they cannot run in two threads at once: capture that model in "
-                    "one thread at a time, or give each thread its own copy of the model"
-                )
-            capture._thread = thread
-            name = capture.implementation
-            if name not in self._installed:
-                previous = _local_mapping().get(name, _MISSING)
-                original = ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS else None
-                dispatcher = _dispatcher(original)
-                ALL_ATTENTION_FUNCTIONS[name] = dispatcher
-                self._installed[name] = (dispatcher, previous)
-            self.active = (*self.active, capture)
-
-    def exit(self, capture: AttentionCapture) -> None:
-        with self._lock:
-            if not any(active is capture for active in self.active):
-                return
-            self.active = tuple(active for active in self.active if active is not capture)
-            if not self.active:
-                capture_ulysses.remove_hook()
-            name = capture.implementation
-            if any(active.implementation == name for active in self.active):
-                return
-            dispatcher, previous = self._installed.pop(name)
-            # Put back what was there, unless someone replaced the dispatcher since (theirs stays).
-            if _local_mapping().get(name) is dispatcher:
-                if previous is _MISSING:
-                    del _local_mapping()[name]
-                else:
-                    _local_mapping()[name] = previous
-
-
-_REGISTRY = _Registry()
-
-
-def _local_mapping() -> dict:
-    """The layer of `ALL_ATTENTION_FUNCTIONS` that registrations write to (a transformers internal)."""
-    return verl_api.resolve("ALL_ATTENTION_FUNCTIONS._local_mapping")
-
-
-def _dispatcher(original: Callable | None) -> Callable:
-    """The attention function installed while captures are active: show the call to each, then run `original`
-    (None: the eager function of the module's own modeling file, as transformers falls back to)."""
-
-    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any):
-        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")  # args: (value, attention_mask, ...)
-        active = _REGISTRY.active
-        for capture in active:
-            capture._observe(module, query, key, mask, kwargs)
-        function = original or eager_default(type(module))
-        output = function(module, query, key, *args, **kwargs)
-        for capture in active:
-            capture._observed(module)
-        return output
-
-    return attention
-
-
-def _observe_gathered(query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None) -> None:
-    """Shows verl's inner flash call under Ulysses SP to each active capture (`capture_ulysses`)."""
-    for capture in _REGISTRY.active:
-        capture._observe_gathered(query, key, position_ids)

@@ -4,7 +4,7 @@ A micro-batch is packed along the token axis: `q (Hq, T, D)`, `k (Hkv, T, D)` an
 (sequence i is tokens `cu_seqlens[i]:cu_seqlens[i+1]`, `cu_seqlens[0] = 0`, `cu_seqlens[-1] = T`).
 
 * `packed_token_stats` gives every sequence's per-token statistics (`metrics.TokenStats` with
-  `first = 0`, side by side along the token axis); `verl_anchor.capture` calls it once per captured
+  `first = 0`, side by side along the token axis); `verl_anchor.capture.hooks` calls it once per captured
   layer per forward. This module is the one place that dispatches by device (`select_backend`;
   `fused_attention_kernel` within the torch path): CUDA tensors go to the Triton kernels of
   `kernels.triton_stats` (two launches per call, whatever the number or length of the sequences)
@@ -37,8 +37,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from verl_anchor.config import AnchorConfig
-from verl_anchor.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, group_heads, prepare_qk, token_stats
+from verl_anchor.core.config import AnchorConfig
+from verl_anchor.core.metrics import DEFAULT_CHUNK, GroupSignals, TokenStats, group_heads, prepare_qk, token_stats
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SPAN_FIXED_POINT = 2.0**24  # resolution of the exact (integer) span sums: ~6e-8 tokens
@@ -234,7 +234,7 @@ def kernel_device_problem(device: torch.device, head_dim: int) -> str | None:
     (`triton_stats.cuda_device_problem`). `AttentionCapture` asks when built, so this is decided at start-up."""
     if not _triton_installed():
         return None
-    from verl_anchor.kernels import triton_stats
+    from verl_anchor.core.kernels import triton_stats
 
     return triton_stats.cuda_device_problem(
         torch.cuda.current_device() if device.index is None else device.index, head_dim
@@ -304,7 +304,7 @@ def packed_token_stats(
     _check_inputs(q, k, sequences, head_offset, total)
     scale = head_dim**-0.5 if scale is None else scale
     if select_backend(q) == "triton":
-        from verl_anchor.kernels import triton_stats
+        from verl_anchor.core.kernels import triton_stats
 
         tiles = sequences.tiles(triton_stats.block_sizes(q.dtype)[0])  # the launcher's tile for this dtype
         row_span, waad, fai = triton_stats.packed_stats(q, k, tiles, cfg.window, cfg.fai_h_lo, cfg.fai_h_hi, scale)

@@ -1,7 +1,7 @@
 """What the attention capture refuses when it is built, and where it finds the model's attention.
 
 `find_decoder` and `attention_modules` locate the decoder and its self-attention modules through
-any wrapper (see `verl_anchor.capture`). `check_model` and `layer_problems` refuse attention the
+any wrapper (see `verl_anchor.capture.hooks`). `check_model` and `layer_problems` refuse attention the
 statistics do not model, never approximating it (`docs/models.md` lists the model families):
 attention sinks (GPT-OSS; rows do not sum to 1), logit soft-capping (Gemma 2), 3-D mRoPE position
 ids (Qwen2-VL style), attention modules that do not go through transformers' attention functions
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from verl_anchor import stats_engine
+from verl_anchor.core import stats_engine
 from verl_anchor.integration.verl_api import ALL_ATTENTION_FUNCTIONS
 
 # Layer kinds of `config.layer_types` that are softmax attention over q.k (Jamba says "attention").
@@ -33,7 +33,7 @@ class CaptureError(RuntimeError):
 
 
 def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers module that runs `model`'s decoder layers, through any wrapper (`verl_anchor.capture`)."""
+    """The transformers module that runs `model`'s decoder layers, through any wrapper (`verl_anchor.capture.hooks`)."""
     root = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if root is None:
         raise CaptureError(

@@ -16,8 +16,8 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from verl_anchor.cpu import cpu_env
-from verl_anchor.cpu import guardian as guardian_module
+from verl_anchor.integration.cpu import cpu_env
+from verl_anchor.integration.cpu import guardian as guardian_module
 from verl_anchor.usage import UsageError
 
 _STEP_LINE = re.compile(r"step:(\d+) - (.*)$")

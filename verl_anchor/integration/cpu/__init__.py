@@ -22,11 +22,11 @@ from collections.abc import Sequence
 
 __all__ = ["cpu_env", "cpu_overrides", "register"]
 
-_ROLLOUT_ADAPTER = "verl_anchor.cpu.rollout.HFServerAdapter"
+_ROLLOUT_ADAPTER = "verl_anchor.integration.cpu.rollout.HFServerAdapter"
 
 
 def _load_hf_replica() -> type:
-    from verl_anchor.cpu.rollout import HFReplica
+    from verl_anchor.integration.cpu.rollout import HFReplica
 
     return HFReplica
 
@@ -40,7 +40,7 @@ def register() -> None:
     verl_api.resolve("PlatformRegistry")  # imports verl.plugin.platform
 
     # The platform before the rollout modules: importing those may already resolve the platform.
-    from verl_anchor.cpu.platform import patch_init_process_group, patch_valuehead_loader, register_platform
+    from verl_anchor.integration.cpu.platform import patch_init_process_group, patch_valuehead_loader, register_platform
 
     register_platform()
     patch_init_process_group()
@@ -57,11 +57,13 @@ def cpu_env(extra_modules: Sequence[str] = ()) -> dict[str, str]:
 
     `extra_modules` are appended to `VERL_USE_EXTERNAL_MODULES` (imported by every verl process).
     The platform module comes first: verl imports these modules before anything can resolve the
-    platform, even in a process whose first import is `verl_anchor.cpu` itself (whose own
+    platform, even in a process whose first import is `verl_anchor.integration.cpu` itself (whose own
     registration only runs after verl's import, plugins included, has finished).
     """
     return {
-        "VERL_USE_EXTERNAL_MODULES": ",".join(["verl_anchor.cpu.platform", "verl_anchor.cpu", *extra_modules]),
+        "VERL_USE_EXTERNAL_MODULES": ",".join(
+            ["verl_anchor.integration.cpu.platform", "verl_anchor.integration.cpu", *extra_modules]
+        ),
         "VERL_PLATFORM": "cpu",
         # verl registers its FSDP engine for cuda/npu only; select that one explicitly.
         "VERL_ENGINE_DEVICE": "cuda",

@@ -1,7 +1,7 @@
 """`verl-anchor demo`: a few GRPO steps with `anchor_coupled` through real verl, on CPU, offline.
 
 Takes the small Qwen3-architecture Countdown policy the package ships, which already solves a few
-problems (`verl_anchor.policy`), writes its RL prompts and held-out problems as verl parquet,
+problems (`verl_anchor.models.policy`), writes its RL prompts and held-out problems as verl parquet,
 runs `python -m verl.trainer.main_ppo` in CPU mode with the anchor trainer, shows each step's
 reward, accuracy and anchor metrics as it finishes, and says where everything went. verl's own
 output (warnings included) goes to the log file, not the console.
@@ -113,7 +113,7 @@ def write_policy_data(
     of its held-out set), short prompts (a second or so: written on every call)."""
     from verl_anchor.data.countdown import COUNTDOWN_SCHEMA, countdown_rows
     from verl_anchor.data.schema import write_parquet
-    from verl_anchor.policy import policy_splits
+    from verl_anchor.models.policy import policy_splits
 
     train, test = policy_data_files(data)
     splits = policy_splits(rl_problems=rl_problems)
@@ -143,8 +143,8 @@ def demo_overrides(
     `actor_rollout_ref.actor.use_dynamic_bsz` (the log-prob pass and the critic must match it).
     """
     from verl_anchor import rewards
-    from verl_anchor.cpu import cpu_overrides
-    from verl_anchor.policy import MAX_NEW_TOKENS, ensure_policy, policy_dir
+    from verl_anchor.integration.cpu import cpu_overrides
+    from verl_anchor.models.policy import MAX_NEW_TOKENS, ensure_policy, policy_dir
 
     if build:
         model = ensure_policy() if model is None else model
@@ -194,9 +194,9 @@ def step_accuracy(rollouts: Path, step: int) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verl_anchor.cpu.launch import hold_output_dir, parse_step_metrics, run_main_ppo
-    from verl_anchor.launch import check_main_ppo
-    from verl_anchor.policy import ensure_policy
+    from verl_anchor.integration.compose import check_main_ppo
+    from verl_anchor.integration.cpu.launch import hold_output_dir, parse_step_metrics, run_main_ppo
+    from verl_anchor.models.policy import ensure_policy
 
     check_estimator(args.estimator)
     out, user_overrides = args.out.resolve(), [*POLICY_OVERRIDES, *args.overrides]

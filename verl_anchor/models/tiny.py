@@ -9,7 +9,7 @@ Qwen-style (ChatML) chat template, so verl's `RLHFDataset` and agent loop treat 
 Qwen tokenizer. The models are random and tiny (~140k parameters) so a whole verl GRPO run
 fits on a 2-core CPU; they are for tests and smoke runs, not for learning anything.
 
-`build_once` builds a cached asset (these, and the trained policies of `verl_anchor.policy`) once,
+`build_once` builds a cached asset (these, and the trained policies of `verl_anchor.models.policy`) once,
 atomically, with a `SHA256SUMS` that later uses check, so a cut-short or unfinished asset is rebuilt.
 """
 

@@ -29,7 +29,6 @@ beside the weights in `policy.json` (`verl-anchor policy --evaluate` measures it
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import hashlib
@@ -45,14 +44,14 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from verl_anchor.data.countdown import CountdownProblem, countdown_prompt, generate_countdown
 from verl_anchor.rewards.countdown import score_countdown
-from verl_anchor.usage import UsageError, out_dir
+from verl_anchor.usage import UsageError
 
 # Bump when anything the recipe does not capture changes (the worked-solution format, the loop).
 _POLICY_VERSION = 1
 MAX_NEW_TOKENS = 48  # the demo's max_response_length; a worked solution is ~31 tokens
 # The default recipe's policy, trained once and shipped in the package: training is deterministic on one
 # machine but not across machines (11.7% vs 23.0% sampled held-out accuracy on two of them).
-SHIPPED_POLICY = Path(__file__).resolve().parent / "assets" / "countdown-policy"
+SHIPPED_POLICY = Path(__file__).resolve().parents[1] / "assets" / "countdown-policy"
 RETRAIN_COMMAND = f"verl-anchor policy --train --out DIR, then replace {SHIPPED_POLICY} with DIR"
 
 
@@ -79,7 +78,7 @@ class PolicyRecipe:
     threads: int = 2
 
     def digest(self) -> str:
-        from verl_anchor import tiny
+        from verl_anchor.models import tiny
 
         text = json.dumps(
             {**dataclasses.asdict(self), "version": _POLICY_VERSION, "tiny": tiny._ASSET_VERSION}, sort_keys=True
@@ -169,7 +168,7 @@ def train_policy(out_dir: str | os.PathLike, recipe: PolicyRecipe = DEFAULT_RECI
     """Build and SFT the policy into `out_dir` (model, tokenizer, generation config, `policy.json`)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from verl_anchor.tiny import build_tokenizer, tiny_config
+    from verl_anchor.models.tiny import build_tokenizer, tiny_config
 
     tokenizer = build_tokenizer()
     splits = policy_splits(recipe)
@@ -312,7 +311,7 @@ def policy_dir(cache_dir: str | os.PathLike | None = None, recipe: PolicyRecipe 
 def shipped_policy() -> Path:
     """`SHIPPED_POLICY`, verified: every file matches its sha256 in `SHA256SUMS` and `policy.json` was trained
     with `DEFAULT_RECIPE` (its digest); `PolicyError` otherwise."""
-    from verl_anchor.tiny import asset_problem
+    from verl_anchor.models.tiny import asset_problem
 
     problem = asset_problem(SHIPPED_POLICY)
     if problem is None:
@@ -337,62 +336,8 @@ def ensure_policy(
     built with `tiny.build_once`: atomically, checked against their `SHA256SUMS` on every use, rebuilt
     when incomplete; `tiny.CacheError` when the cache directory cannot be used.
     """
-    from verl_anchor.tiny import build_once
+    from verl_anchor.models.tiny import build_once
 
     if recipe == DEFAULT_RECIPE:
         return shipped_policy()
     return build_once(policy_dir(cache_dir, recipe), lambda tmp: train_policy(tmp, recipe, progress))
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--evaluate",
-        action="store_true",
-        help="measure the shipped policy's held-out accuracy again (about a minute on 2 cores)",
-    )
-    parser.add_argument(
-        "--train",
-        action="store_true",
-        help="train the default recipe into --out (about 3 minutes on 2 cores): the command that "
-        "produced the shipped policy",
-    )
-    parser.add_argument("--out", type=out_dir, help="a new or empty directory for --train")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`verl-anchor policy`: the shipped policy's path and recorded accuracy; `--evaluate` measures it again;
-    `--train --out DIR` trains the default recipe into DIR."""
-    from verl_anchor.tiny import build_once
-
-    if args.train != (args.out is not None):
-        raise UsageError("--train and --out go together: verl-anchor policy --train --out DIR")
-    if args.train and args.evaluate:
-        raise UsageError("--evaluate measures the shipped policy; --train evaluates what it trains: give one")
-    if args.train:
-        out = args.out.resolve()
-        if out.is_dir() and any(out.iterdir()):
-            raise UsageError(f"--out {args.out} is not empty: give a new or empty directory")
-        if out.is_dir():
-            out.rmdir()  # build_once renames the finished policy into place
-        info = json.loads((build_once(out, lambda tmp: train_policy(tmp, DEFAULT_RECIPE)) / "policy.json").read_text())
-        print(
-            f"trained {out}: {_accuracy_line(info['heldout_accuracy'])}; ship it by replacing {SHIPPED_POLICY} with it"
-        )
-        return 0
-    path = shipped_policy()
-    info = json.loads((path / "policy.json").read_text())
-    print(f"shipped policy {path} (recipe digest {info['digest']}, {info['parameters'] / 1e6:.2f}M parameters)")
-    print(f"recorded: {_accuracy_line(info['heldout_accuracy'])}")
-    if args.evaluate:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        print(f"measured: {_accuracy_line(heldout_accuracy(model, AutoTokenizer.from_pretrained(str(path))))}")
-    return 0
-
-
-def _accuracy_line(accuracy: dict[str, float]) -> str:
-    return (
-        f"held-out accuracy {accuracy['sampled_t1']:.1%} sampled at temperature 1, {accuracy['greedy']:.1%} "
-        f"greedy ({DEFAULT_RECIPE.heldout_problems} problems)"
-    )

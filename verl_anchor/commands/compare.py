@@ -1,6 +1,6 @@
 """`verl-anchor compare`: the paper's comparison in miniature, on CPU, through verl's `main_ppo`.
 
-Every (estimator, seed) run starts from the same trained Countdown policy (`verl_anchor.policy`), trains
+Every (estimator, seed) run starts from the same trained Countdown policy (`verl_anchor.models.policy`), trains
 on the same RL prompts (never seen in its SFT) with the same budget (steps, batch, learning rate) and the
 same seed for data order and rollout sampling, and saves the policy as a Hugging Face model every
 `--eval-every` steps (verl's `hf_model` checkpoint). Each saved policy, and the starting one as step 0,
@@ -69,10 +69,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verl_anchor.cpu.launch import hold_output_dir
-    from verl_anchor.demo import POLICY_OVERRIDES, POLICY_RUN, check_estimator
-    from verl_anchor.launch import check_main_ppo
-    from verl_anchor.policy import DEFAULT_RECIPE, ensure_policy, policy_dir
+    from verl_anchor.commands.demo import POLICY_OVERRIDES, POLICY_RUN, check_estimator
+    from verl_anchor.integration.compose import check_main_ppo
+    from verl_anchor.integration.cpu.launch import hold_output_dir
+    from verl_anchor.models.policy import DEFAULT_RECIPE, ensure_policy, policy_dir
 
     for name in args.estimators:
         check_estimator(name)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 def weights_digest(model_dir: Path) -> str:
     """The identity of the HF model in `model_dir`: a sha256 over its safetensors files' names and sha256s."""
-    from verl_anchor.tiny import sha256_file
+    from verl_anchor.models.tiny import sha256_file
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -171,7 +171,7 @@ def _evaluate_cached(path: Path, model_dir: Path, protocol: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from verl_anchor.policy import evaluate, policy_splits
+    from verl_anchor.models.policy import evaluate, policy_splits
 
     splits = policy_splits(rl_problems=protocol["train_problems"])
     heldout = splits.heldout[: protocol["heldout"]]
@@ -192,7 +192,7 @@ def _run_one(
     run_dir: Path, estimator: str, seed: int, policy: Path, training: dict, protocol: dict, console: Console
 ) -> dict:
     """Train one run (unless its checkpoints for `training` are there) and evaluate them: {step: accuracy}."""
-    from verl_anchor.cpu.launch import parse_step_metrics, run_main_ppo
+    from verl_anchor.integration.cpu.launch import parse_step_metrics, run_main_ppo
 
     trained = run_dir / "training.json"
     if _read_json(trained) == training:
@@ -237,7 +237,7 @@ def run_overrides(
     run_dir: Path, estimator: str, seed: int, policy: Path, training: dict, build: bool = True
 ) -> list[str]:
     """The main_ppo overrides of one (estimator, seed) run; `build=False` writes nothing (to check them first)."""
-    from verl_anchor.demo import POLICY_RUN, demo_overrides
+    from verl_anchor.commands.demo import POLICY_RUN, demo_overrides
 
     return demo_overrides(
         run_dir,

@@ -3,7 +3,7 @@
 Sequences are found from the decoder's inputs, exactly as transformers' masking does: with a 2-D
 `attention_mask`, each row's unmasked tokens form one sequence (any padding pattern); otherwise,
 when the caller passes `position_ids` (packed rows are read only without a KV cache, see
-`verl_anchor.capture`), `position_ids` that do not step by 1 start a new sequence (verl's packed
+`verl_anchor.capture.hooks`), `position_ids` that do not step by 1 start a new sequence (verl's packed
 "remove padding" layout); otherwise each row is one sequence.
 
 Under a flash-attention implementation the rules are the flash path's (`find_sequences(flash=True)`),
@@ -25,8 +25,8 @@ import functools
 
 import torch
 
-from verl_anchor.capture_checks import CaptureError
-from verl_anchor.stats_engine import PackedSequences
+from verl_anchor.capture.checks import CaptureError
+from verl_anchor.core.stats_engine import PackedSequences
 
 
 @dataclasses.dataclass(frozen=True)

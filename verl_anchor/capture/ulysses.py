@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from verl_anchor.capture_checks import CaptureError
-from verl_anchor.capture_layout import SequenceLayout, find_sequences
+from verl_anchor.capture.checks import CaptureError
+from verl_anchor.capture.layout import SequenceLayout, find_sequences
+from verl_anchor.core.stats_engine import PackedResponseSignals, PackedTokenStats, response_head_span
 from verl_anchor.integration import verl_api
-from verl_anchor.stats_engine import PackedResponseSignals, PackedTokenStats, response_head_span
 
 INNER = verl_api.PINS[
     "ulysses_flash_attention_forward"
