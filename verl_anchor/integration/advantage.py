@@ -19,12 +19,18 @@ from tensordict import TensorDict
 from verl_anchor.core.credit import batch_gamma, effective_gamma, shape_advantages
 from verl_anchor.integration.settings import AnchorSettings
 
+# The hand-off between the anchor worker and the trainers (both data planes):
+ANCHOR_OPTIONS_KEY = "anchor_cfg"  # the options the trainer sends with the old-log-prob call
+OUTPUT_KEYS = ("anchor_waad", "anchor_fai", "anchor_seq")  # what the worker adds to verl's model output
+# `anchor_seq`'s columns, one row per sequence.
+SEQUENCE_COLUMNS = ("span_local", "span_global", "seconds")
+
 
 @dataclasses.dataclass(frozen=True)
 class ResponseBatch:
     """What gamma needs of a batch of responses, padded to one width `W` (rows past their length are ignored).
 
-    `per_sequence` is the worker's `anchor_seq` row: local-group span, global-group span, seconds.
+    `span_local`, `span_global`, `seconds` are the worker's `anchor_seq` columns (`SEQUENCE_COLUMNS`).
     Rows with `real` False (verl's padding samples) keep gamma = 1 and stay out of the metrics.
     """
 
@@ -34,7 +40,9 @@ class ResponseBatch:
     real: torch.Tensor  # (B,) bool
     waad: torch.Tensor | None = None  # (B, W), attention strategies
     fai: torch.Tensor | None = None  # (B, W), NaN where undefined
-    per_sequence: torch.Tensor | None = None  # (B, 3), attention strategies
+    span_local: torch.Tensor | None = None  # (B,), attention strategies
+    span_global: torch.Tensor | None = None  # (B,)
+    seconds: torch.Tensor | None = None  # (B,): each sequence's share of its rank's statistics time
     entropy: torch.Tensor | None = None  # (B, W), entropy strategy
 
     @classmethod
@@ -49,9 +57,16 @@ class ResponseBatch:
             real=real_rows(len(lengths), real),
             waad=padded(data["anchor_waad"], math.nan).float() if "anchor_waad" in present else None,
             fai=padded(data["anchor_fai"], math.nan).float() if "anchor_fai" in present else None,
-            per_sequence=padded(data["anchor_seq"], math.nan).float() if "anchor_seq" in present else None,
+            **sequence_columns(padded(data["anchor_seq"], math.nan) if "anchor_seq" in present else None),
             entropy=padded(data["entropy"]).float() if "entropy" in present else None,
         )
+
+
+def sequence_columns(anchor_seq: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The named columns of the worker's `anchor_seq` rows `(B, 3)`, or Nones without it."""
+    if anchor_seq is None:
+        return dict.fromkeys(SEQUENCE_COLUMNS)
+    return {name: anchor_seq[:, i].float() for i, name in enumerate(SEQUENCE_COLUMNS)}
 
 
 def padded(nested: torch.Tensor, fill: float = 0.0, width: int | None = None) -> torch.Tensor:
@@ -101,15 +116,15 @@ def scale_advantages(
         "anchor/degenerate_frac": float(degenerate[real].sum()) / max(1, int(real.sum())),
     }
     if cfg.needs_attention:
-        waad, fai, per_seq = batch.waad, batch.fai, batch.per_sequence
+        waad, fai = batch.waad, batch.fai
         defined_fai = fai[mask & ~torch.isnan(fai)]
         metrics.update(
             {
                 "anchor/waad_mean": float(waad[mask & torch.isfinite(waad)].mean()) if mask.any() else math.nan,
                 "anchor/fai_mean": float(defined_fai.mean()) if defined_fai.numel() else math.nan,
-                "anchor/span_local": float(per_seq[real, 0].nanmean()),
-                "anchor/span_global": float(per_seq[real, 1].nanmean()),
-                "timing_s/anchor_stats": float(per_seq[:, 2].nansum()) / max(1, world_size),
+                "anchor/span_local": float(batch.span_local[real].nanmean()),
+                "anchor/span_global": float(batch.span_global[real].nanmean()),
+                "timing_s/anchor_stats": float(batch.seconds.nansum()) / max(1, world_size),
             }
         )
     return shaped, gamma, metrics
@@ -128,7 +143,8 @@ def write_dump(
     for name, values in (("anchor_waad", batch.waad), ("anchor_fai", batch.fai)):
         if values is not None:
             record[name] = [values[i, :n].clone() for i, n in enumerate(batch.lengths)]
-    if batch.per_sequence is not None:
-        record["anchor_seq"] = [row.clone() for row in batch.per_sequence]
+    if batch.span_local is not None:
+        columns = torch.stack([getattr(batch, name) for name in SEQUENCE_COLUMNS], 1)
+        record["anchor_seq"] = [row.clone() for row in columns]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(record, path)

@@ -35,7 +35,16 @@ from tensordict import TensorDict
 
 from verl_anchor.core.credit import response_seed
 from verl_anchor.integration import verl_api
-from verl_anchor.integration.advantage import ResponseBatch, padded, scale_advantages, token_digest, write_dump
+from verl_anchor.integration.advantage import (
+    ANCHOR_OPTIONS_KEY,
+    OUTPUT_KEYS,
+    ResponseBatch,
+    padded,
+    scale_advantages,
+    sequence_columns,
+    token_digest,
+    write_dump,
+)
 from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
 from verl_anchor.integration.settings import ANCHOR_ESTIMATORS, prepare_config
 from verl_anchor.integration.verl_api import tensordict_utils as tu
@@ -90,8 +99,6 @@ def _with_anchor_workers(init_workers: Callable) -> Callable:
 
 def _with_anchor_statistics(compute_old_log_prob: Callable) -> Callable:
     def compute(self, batch, *args, **kwargs):
-        from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY, OUTPUT_KEYS
-
         settings = getattr(self, "anchor", None)
         if settings is None or not settings.cfg.needs_forward:
             return compute_old_log_prob(self, batch, *args, **kwargs)
@@ -169,8 +176,6 @@ def _trainer_for(algorithm: Any) -> Any:
 
 def anchor_credit(trainer: Any, data: Any) -> dict[str, float]:
     """Scale a padded `DataProto`'s base advantages by gamma in place; returns the `anchor/*` metrics."""
-    from verl_anchor.integration.worker import OUTPUT_KEYS
-
     settings, batch = trainer.anchor, data.batch
     width = batch["responses"].shape[1]
     attention = batch["attention_mask"].bool()
@@ -190,7 +195,7 @@ def anchor_credit(trainer: Any, data: Any) -> dict[str, float]:
         real=torch.ones(len(lengths), dtype=torch.bool),
         waad=columns.get("anchor_waad"),
         fai=columns.get("anchor_fai"),
-        per_sequence=columns.get("anchor_seq"),
+        **sequence_columns(columns.get("anchor_seq")),
         entropy=columns.get(ENTROPY_KEY),
     )
     seeds = _response_seeds(trainer, batch["input_ids"], attention) if settings.cfg.needs_seeds else None

@@ -27,11 +27,18 @@ from omegaconf import DictConfig
 from tensordict import TensorDict
 
 from verl_anchor.core.credit import response_seed
-from verl_anchor.integration.advantage import ResponseBatch, scale_advantages, token_digest, write_dump
+from verl_anchor.integration.advantage import (
+    ANCHOR_OPTIONS_KEY,
+    OUTPUT_KEYS,
+    ResponseBatch,
+    scale_advantages,
+    token_digest,
+    write_dump,
+)
 from verl_anchor.integration.settings import AnchorSettings, prepare_config
 from verl_anchor.integration.verl_api import response_to_nested
 from verl_anchor.integration.verl_api import transfer_queue as tq
-from verl_anchor.integration.worker import ANCHOR_OPTIONS_KEY, OUTPUT_KEYS, use_anchor_workers
+from verl_anchor.integration.worker import use_anchor_workers
 
 logger = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from verl_anchor.capture.hooks import AttentionCapture
 from verl_anchor.capture.ulysses import gather_head_span, sequence_parallel_group, sum_over_ranks
 from verl_anchor.core.config import AnchorConfig
 from verl_anchor.core.stats_engine import PackedTokenStats, packed_response_signals
+from verl_anchor.integration.advantage import ANCHOR_OPTIONS_KEY, SEQUENCE_COLUMNS
 from verl_anchor.integration.verl_api import (
     ActorRolloutRefWorker,
     DetachActorWorker,
@@ -40,9 +41,6 @@ from verl_anchor.integration.verl_api import (
     register,
 )
 from verl_anchor.integration.verl_api import tensordict_utils as tu
-
-ANCHOR_OPTIONS_KEY = "anchor_cfg"  # extra_info key the trainer sets for the old-log-prob call
-OUTPUT_KEYS = ("anchor_waad", "anchor_fai", "anchor_seq")
 
 
 def anchor_outputs(
@@ -74,7 +72,12 @@ def anchor_outputs(
     if group is not None:  # the group's time on this micro-batch
         signals, seconds = sum_over_ranks(signals, seconds, group)
     out = model_output["log_probs"].device if "log_probs" in model_output else torch.device("cpu")
-    per_sequence = torch.stack([signals.span_loc, signals.span_glob, torch.zeros_like(signals.span_loc) + seconds], 1)
+    columns = {
+        "span_local": signals.span_loc,
+        "span_global": signals.span_glob,
+        "seconds": torch.zeros_like(signals.span_loc) + seconds,
+    }
+    per_sequence = torch.stack([columns[name] for name in SEQUENCE_COLUMNS], 1)
     model_output["anchor_waad"] = _nested(signals.waad, signals.cu_response, out)
     model_output["anchor_fai"] = _nested(signals.fai, signals.cu_response, out)
     model_output["anchor_seq"] = _nested(
