@@ -40,26 +40,9 @@ logger = logging.getLogger(__name__)
 
 
 @triton.jit
-def _row_tile(
-    q,
-    k_head,
-    stride_kt,
-    key0,
-    rows,
-    seq_end,
-    dims,
-    m_i,
-    mass,
-    span,
-    waad,
-    scale_log2e,
-    HEAD_DIM: tl.constexpr,
-    WINDOW: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    FAR: tl.constexpr,
-    DIAGONAL: tl.constexpr,
-):
+def _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, waad, scale_log2e,
+              HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, FAR: tl.constexpr, DIAGONAL: tl.constexpr):
     """One key tile of the row pass: online rescaling of the running max, mass and moments."""
     keys = key0 + tl.arange(0, BLOCK_N)
     k_mask = (dims[:, None] < HEAD_DIM) & (keys[None, :] < seq_end)
@@ -82,27 +65,9 @@ def _row_tile(
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # one compilation for every micro-batch size
-def _row_pass(
-    Q,
-    K,
-    TILES,
-    ROW_SPAN,
-    WAAD,
-    LSE2,
-    stride_qh,
-    stride_qt,
-    stride_kh,
-    stride_kt,
-    num_tokens,
-    scale_log2e,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+def _row_pass(Q, K, TILES, ROW_SPAN, WAAD, LSE2, stride_qh, stride_qt, stride_kh, stride_kt, num_tokens,
+              scale_log2e, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     seq_start = tl.load(TILES + 3 * tile)
@@ -111,11 +76,8 @@ def _row_pass(
     rows = tile_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < seq_end
-    q = tl.load(
-        Q + head * stride_qh + rows.to(tl.int64)[:, None] * stride_qt + dims[None, :],
-        mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM),
-        other=0.0,
-    )
+    q = tl.load(Q + head * stride_qh + rows.to(tl.int64)[:, None] * stride_qt + dims[None, :],
+                mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
     k_head = K + (head // GROUP) * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     mass = tl.zeros([BLOCK_M], dtype=tl.float64)
@@ -125,68 +87,14 @@ def _row_pass(
     # diagonal; then the diagonal tiles, the only ones with a causal mask.
     far_end = seq_start + (tl.maximum(tile_start - seq_start - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
     for key0 in range(seq_start, far_end, BLOCK_N):
-        m_i, mass, span, waad = _row_tile(
-            q,
-            k_head,
-            stride_kt,
-            key0,
-            rows,
-            seq_end,
-            dims,
-            m_i,
-            mass,
-            span,
-            waad,
-            scale_log2e,
-            HEAD_DIM,
-            WINDOW,
-            BLOCK_N,
-            DOT_PRECISION,
-            True,
-            False,
-        )
+        m_i, mass, span, waad = _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, waad,
+                                          scale_log2e, HEAD_DIM, WINDOW, BLOCK_N, DOT_PRECISION, True, False)
     for key0 in range(far_end, tile_start, BLOCK_N):
-        m_i, mass, span, waad = _row_tile(
-            q,
-            k_head,
-            stride_kt,
-            key0,
-            rows,
-            seq_end,
-            dims,
-            m_i,
-            mass,
-            span,
-            waad,
-            scale_log2e,
-            HEAD_DIM,
-            WINDOW,
-            BLOCK_N,
-            DOT_PRECISION,
-            False,
-            False,
-        )
+        m_i, mass, span, waad = _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, waad,
+                                          scale_log2e, HEAD_DIM, WINDOW, BLOCK_N, DOT_PRECISION, False, False)
     for key0 in range(tile_start, tl.minimum(tile_start + BLOCK_M, seq_end), BLOCK_N):
-        m_i, mass, span, waad = _row_tile(
-            q,
-            k_head,
-            stride_kt,
-            key0,
-            rows,
-            seq_end,
-            dims,
-            m_i,
-            mass,
-            span,
-            waad,
-            scale_log2e,
-            HEAD_DIM,
-            WINDOW,
-            BLOCK_N,
-            DOT_PRECISION,
-            False,
-            True,
-        )
+        m_i, mass, span, waad = _row_tile(q, k_head, stride_kt, key0, rows, seq_end, dims, m_i, mass, span, waad,
+                                          scale_log2e, HEAD_DIM, WINDOW, BLOCK_N, DOT_PRECISION, False, True)
     out = head * num_tokens + rows
     tl.store(ROW_SPAN + out, (span / mass).to(tl.float32), mask=row_ok)
     tl.store(WAAD + out, (waad / mass).to(tl.float32), mask=row_ok)
@@ -194,27 +102,9 @@ def _row_pass(
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
-def _fai_pass(
-    Q,
-    K,
-    TILES,
-    LSE2,
-    FAI,
-    stride_qh,
-    stride_qt,
-    stride_kh,
-    stride_kt,
-    num_tokens,
-    scale_log2e,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    FAI_LO: tl.constexpr,
-    FAI_HI: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+def _fai_pass(Q, K, TILES, LSE2, FAI, stride_qh, stride_qt, stride_kh, stride_kt, num_tokens, scale_log2e,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, FAI_LO: tl.constexpr, FAI_HI: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """FAI_HI < 0 means an unbounded horizon (to the end of the sequence)."""
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -222,11 +112,8 @@ def _fai_pass(
     tile_start = tl.load(TILES + 3 * tile + 2)
     keys = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    kt = tl.load(
-        K + (head // GROUP) * stride_kh + keys.to(tl.int64)[None, :] * stride_kt + dims[:, None],
-        mask=(dims[:, None] < HEAD_DIM) & (keys[None, :] < seq_end),
-        other=0.0,
-    )
+    kt = tl.load(K + (head // GROUP) * stride_kh + keys.to(tl.int64)[None, :] * stride_kt + dims[:, None],
+                 mask=(dims[:, None] < HEAD_DIM) & (keys[None, :] < seq_end), other=0.0)
     q_head = Q + head * stride_qh
     lse_head = LSE2 + head * num_tokens
     if FAI_HI >= 0:
@@ -237,11 +124,8 @@ def _fai_pass(
     for query0 in range(tile_start + FAI_LO, query_stop, BLOCK_M):
         rows = query0 + tl.arange(0, BLOCK_M)
         row_ok = rows < query_stop
-        q = tl.load(
-            q_head + rows.to(tl.int64)[:, None] * stride_qt + dims[None, :],
-            mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM),
-            other=0.0,
-        )
+        q = tl.load(q_head + rows.to(tl.int64)[:, None] * stride_qt + dims[None, :],
+                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
         lse2 = tl.load(lse_head + rows, mask=row_ok, other=0.0)
         scores = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2e
         dist = rows[:, None] - keys[None, :]
@@ -272,28 +156,14 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_constexprs(
-    dtype: torch.dtype,
-    head_dim: int,
-    group: int,
-    window: int,
-    fai_h_lo: int,
-    fai_h_hi: int | None,
-    tile: int,
-    inner: int,
-) -> tuple[dict, dict]:
+def launch_constexprs(dtype: torch.dtype, head_dim: int, group: int, window: int, fai_h_lo: int,
+                      fai_h_hi: int | None, tile: int, inner: int) -> tuple[dict, dict]:
     """The compile-time constants of the row pass and of the FAI pass of one call (the compile check
     compiles exactly these). FAI_HI < 0: unbounded horizon."""
-    common = dict(
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d(head_dim),
-        DOT_PRECISION="ieee" if dtype == torch.float32 else None,
-    )
-    return (
-        dict(common, WINDOW=window, BLOCK_M=tile, BLOCK_N=inner),
-        dict(common, FAI_LO=fai_h_lo, FAI_HI=-1 if fai_h_hi is None else fai_h_hi, BLOCK_M=inner, BLOCK_N=tile),
-    )
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
+                  DOT_PRECISION="ieee" if dtype == torch.float32 else None)
+    return (dict(common, WINDOW=window, BLOCK_M=tile, BLOCK_N=inner),
+            dict(common, FAI_LO=fai_h_lo, FAI_HI=-1 if fai_h_hi is None else fai_h_hi, BLOCK_M=inner, BLOCK_N=tile))
 
 
 def shared_memory_bytes(dtype: torch.dtype, head_dim: int) -> int:
@@ -309,18 +179,14 @@ def device_problem(capability: tuple[int, int], shared_memory_per_block: int | N
     maximum; None: unknown, not checked) for `head_dim`; None where they can."""
     major, minor = capability
     if major not in CHECKED_MAJORS:
-        return (
-            f"compute capability {major}.{minor}: the kernels are compiled and checked for sm_80 and sm_90 "
-            "(on sm_75 the row pass spills registers and is at the shared-memory limit)"
-        )
+        return (f"compute capability {major}.{minor}: the kernels are compiled and checked for sm_80 and sm_90 "
+                "(on sm_75 the row pass spills registers and is at the shared-memory limit)")
     if block_d(head_dim) > MAX_BLOCK_D:
         return f"head dim {head_dim}: the kernels are compiled and checked for head dims up to {MAX_BLOCK_D}"
     need = max(shared_memory_bytes(dtype, head_dim) for dtype in (torch.float16, torch.float32))  # bf16 = fp16
     if shared_memory_per_block is not None and need > shared_memory_per_block:
-        return (
-            f"head dim {head_dim} needs {need} bytes of shared memory per block, the device allows "
-            f"{shared_memory_per_block}"
-        )
+        return (f"head dim {head_dim} needs {need} bytes of shared memory per block, the device allows "
+                f"{shared_memory_per_block}")
     return None
 
 
@@ -332,26 +198,14 @@ def cuda_device_problem(index: int, head_dim: int) -> str | None:
     shared = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
     problem = device_problem(torch.cuda.get_device_capability(index), shared, head_dim)
     if problem is not None:
-        logger.warning(
-            "attention statistics on cuda:%d take the torch path (the same numbers, slower) instead of "
-            "the Triton kernels: %s",
-            index,
-            problem,
-        )
+        logger.warning("attention statistics on cuda:%d take the torch path (the same numbers, slower) instead of "
+                       "the Triton kernels: %s", index, problem)
     return problem
 
 
-def packed_stats(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    tiles: torch.Tensor,
-    window: int,
-    fai_h_lo: int,
-    fai_h_hi: int | None,
-    scale: float,
-    tile: int | None = None,
-    inner: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_stats(q: torch.Tensor, k: torch.Tensor, tiles: torch.Tensor, window: int, fai_h_lo: int,
+                 fai_h_hi: int | None, scale: float, tile: int | None = None,
+                 inner: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(row_span, waad, fai)`, each `(Hq, T)` float32, of packed `q (Hq, T, D)`, `k (Hkv, T, D)`.
 
     `tiles (P, 3)` int32: per program `(sequence start, sequence end, tile start)` for tiles of
@@ -365,9 +219,8 @@ def packed_stats(
     tile, inner = tile or default_tile, inner or default_inner
     if tile % inner:
         raise ValueError(f"tile={tile} must be a multiple of inner={inner}")
-    row_span, waad, fai, lse2 = (
-        torch.empty(num_heads, num_tokens, dtype=torch.float32, device=q.device) for _ in range(4)
-    )
+    row_span, waad, fai, lse2 = (torch.empty(num_heads, num_tokens, dtype=torch.float32, device=q.device)
+                                 for _ in range(4))
     if tiles.shape[0] == 0 or num_heads == 0:  # nothing to launch (T = 0 and no sequences)
         return row_span, waad, fai
     row, band = launch_constexprs(q.dtype, head_dim, num_heads // k.shape[0], window, fai_h_lo, fai_h_hi, tile, inner)
