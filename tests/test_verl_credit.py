@@ -8,9 +8,9 @@ import torch
 from tensordict import TensorDict
 
 from verl_anchor import AnchorConfig
-from verl_anchor.core.credit import response_seed, shape_advantages, token_weights
-from verl_anchor.integration.advantage import ResponseBatch, scale_advantages
+from verl_anchor.core.credit import response_seed, scale_advantages, shape_advantages, token_weights
 from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
+from verl_anchor.integration.handoff import response_batch
 from verl_anchor.integration.settings import AnchorSettings
 
 LENGTHS = [12, 1, 7, 15]
@@ -50,7 +50,7 @@ def make_batch(seed=0, broken=None, order=None):
 
 def scale(data, settings, seeds, real=None):
     """The shared advantage step on a TensorDict of nested per-response fields (as the v1 trainer reads them)."""
-    return scale_advantages(ResponseBatch.from_nested(data, real), settings, seeds)
+    return scale_advantages(response_batch(data, real), settings.cfg, seeds)
 
 
 SEEDS = [response_seed(0, 3, 0, f"uid{i}_0_0") for i in range(len(LENGTHS))]

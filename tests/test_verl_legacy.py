@@ -18,7 +18,7 @@ from verl import DataProto
 import verl_anchor.integration.plugin  # noqa: F401  (entry point: patches verl's modules on import)
 from verl_anchor.core.credit import token_weights
 from verl_anchor.integration import legacy
-from verl_anchor.integration.advantage import ANCHOR_OPTIONS_KEY
+from verl_anchor.integration.handoff import ANCHOR_OPTIONS_KEY
 from verl_anchor.integration.settings import read_settings
 
 PROMPTS = [[3, 4, 5], [6, 7], [3, 4, 5], [6, 7]]

@@ -16,7 +16,7 @@ from transfer_queue import KVBatchMeta
 import verl_anchor.integration.plugin  # noqa: F401  (entry point: wraps get_trainer_cls and validate_config)
 from verl_anchor.core.credit import token_weights
 from verl_anchor.integration import trainer as anchor_trainer
-from verl_anchor.integration.advantage import ANCHOR_OPTIONS_KEY
+from verl_anchor.integration.handoff import ANCHOR_OPTIONS_KEY
 from verl_anchor.integration.settings import read_settings
 
 MODES = ["sync", "colocate_async", "separate_async"]

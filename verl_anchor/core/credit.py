@@ -8,6 +8,7 @@ the sign rule; `batch_weights` goes from captured per-token statistics through `
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -231,3 +232,66 @@ def _pad(rows: Sequence[torch.Tensor], lengths: Sequence[int]) -> torch.Tensor:
     for i, (row, n) in enumerate(zip(rows, lengths)):
         out[i, :n] = row[:n].float().cpu()
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseBatch:
+    """What gamma needs of a batch of responses, padded to one width `W` (rows past their length are ignored).
+
+    `span_local`, `span_global` are each sequence's local- and global-group spans, `seconds` its share of the
+    statistics' time. Rows with `real` False (a trainer's padding samples) keep gamma = 1 and stay out of the
+    metrics.
+    """
+
+    advantages: torch.Tensor  # (B, W) the base estimator's advantages
+    trainable: torch.Tensor  # (B, W) bool: verl's response_mask
+    lengths: tuple[int, ...]  # tokens of each response
+    real: torch.Tensor  # (B,) bool
+    waad: torch.Tensor | None = None  # (B, W), attention strategies
+    fai: torch.Tensor | None = None  # (B, W), NaN where undefined
+    span_local: torch.Tensor | None = None  # (B,), attention strategies
+    span_global: torch.Tensor | None = None  # (B,)
+    seconds: torch.Tensor | None = None  # (B,): each sequence's share of its rank's statistics time
+    entropy: torch.Tensor | None = None  # (B, W), entropy strategy
+
+
+def scale_advantages(
+    batch: ResponseBatch,
+    cfg: AnchorConfig,
+    seeds: Sequence[int] | None = None,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """gamma-scaled advantages `(B, W)`, gamma itself, and the `anchor/*` metrics.
+
+    `seeds`: one per response for the random strategy (`response_seed`). `world_size`: the
+    actor ranks, to report `timing_s/anchor_stats` per rank (each sequence carries its share of its rank's time).
+    """
+    advantages, real = batch.advantages.float(), batch.real
+    lengths = [n if keep else 0 for n, keep in zip(batch.lengths, real.tolist())]
+    gamma, degenerate = batch_gamma(
+        lengths, cfg, waad=batch.waad, fai=batch.fai, entropy=batch.entropy, seeds=seeds, trainable=batch.trainable
+    )
+    gamma = torch.nn.functional.pad(gamma, (0, advantages.shape[1] - gamma.shape[1]), value=1.0)
+    shaped = shape_advantages(advantages, gamma, cfg.sign)
+    effective = effective_gamma(advantages, gamma, cfg.sign)  # what shape_advantages multiplied by
+    mask = batch.trainable.bool() & real[:, None]
+    tokens = max(1, int(mask.sum()))
+    metrics = {
+        "anchor/selected_frac": float(((gamma != 1.0) & mask).sum()) / tokens,  # chosen by the strategy
+        "anchor/amplified_frac": float(((effective != 1.0) & mask).sum()) / tokens,  # after the sign rule
+        "anchor/gamma_mean": float(effective[mask].sum()) / tokens,
+        "anchor/degenerate_frac": float(degenerate[real].sum()) / max(1, int(real.sum())),
+    }
+    if cfg.needs_attention:
+        waad, fai = batch.waad, batch.fai
+        defined_fai = fai[mask & ~torch.isnan(fai)]
+        metrics.update(
+            {
+                "anchor/waad_mean": float(waad[mask & torch.isfinite(waad)].mean()) if mask.any() else math.nan,
+                "anchor/fai_mean": float(defined_fai.mean()) if defined_fai.numel() else math.nan,
+                "anchor/span_local": float(batch.span_local[real].nanmean()),
+                "anchor/span_global": float(batch.span_global[real].nanmean()),
+                "timing_s/anchor_stats": float(batch.seconds.nansum()) / max(1, world_size),
+            }
+        )
+    return shaped, gamma, metrics

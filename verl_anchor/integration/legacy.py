@@ -10,7 +10,7 @@ its module in place when verl imports them, and every subclass inherits the anch
    TensorDict; the worker's `anchor_*` outputs, which verl's method drops, are added (padded) to the
    `DataProto` it returns, so `fit`'s union brings them into the batch;
 3. the module-level `compute_advantage` (`fit` and DAPO call it by name): for an anchor estimator,
-   verl's own code for the base estimator, then gamma (`advantage.scale_advantages`, shared with v1);
+   verl's own code for the base estimator, then gamma (`core.credit.scale_advantages`, shared with v1);
    the `anchor_*` columns leave the batch there, and the metrics ride in its `meta_info`;
 4. `metric_utils.compute_data_metrics` (every trainer's metrics call) adds those `anchor/*` metrics.
 
@@ -33,19 +33,17 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from verl_anchor.core.credit import response_seed
+from verl_anchor.core.credit import ResponseBatch, response_seed, scale_advantages
 from verl_anchor.integration import verl_api
-from verl_anchor.integration.advantage import (
+from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
+from verl_anchor.integration.handoff import (
     ANCHOR_OPTIONS_KEY,
     OUTPUT_KEYS,
-    ResponseBatch,
     padded,
-    scale_advantages,
     sequence_columns,
     token_digest,
     write_dump,
 )
-from verl_anchor.integration.estimator import refuse_outside_anchor_trainer
 from verl_anchor.integration.settings import ANCHOR_ESTIMATORS, prepare_config
 from verl_anchor.integration.verl_api import tensordict_utils as tu
 
@@ -200,7 +198,7 @@ def anchor_credit(trainer: Any, data: Any) -> dict[str, float]:
     )
     seeds = _response_seeds(trainer, batch["input_ids"], attention) if settings.cfg.needs_seeds else None
     world = trainer.config.trainer.n_gpus_per_node * trainer.config.trainer.nnodes
-    shaped, gamma, metrics = scale_advantages(responses, settings, seeds, world_size=world)
+    shaped, gamma, metrics = scale_advantages(responses, settings.cfg, seeds, world_size=world)
     batch["advantages"] = shaped.to(batch["advantages"].dtype)
     if settings.dump_dir:
         keys = [f"{uid}_{i}" for i, uid in enumerate(data.non_tensor_batch["uid"])]

@@ -26,12 +26,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tensordict import TensorDict
 
-from verl_anchor.core.credit import response_seed
-from verl_anchor.integration.advantage import (
+from verl_anchor.core.credit import response_seed, scale_advantages
+from verl_anchor.integration.handoff import (
     ANCHOR_OPTIONS_KEY,
     OUTPUT_KEYS,
-    ResponseBatch,
-    scale_advantages,
+    response_batch,
     token_digest,
     write_dump,
 )
@@ -135,8 +134,8 @@ class AnchorTrainerMixin:
         local_step = getattr(self, "local_trigger_step", 0)
         seeds = self._response_seeds(batch.keys, data, local_step) if self.anchor.cfg.needs_seeds else None
         world = self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
-        responses = ResponseBatch.from_nested(data, real)
-        shaped, gamma, anchor_metrics = scale_advantages(responses, self.anchor, seeds, world_size=world)
+        responses = response_batch(data, real)
+        shaped, gamma, anchor_metrics = scale_advantages(responses, self.anchor.cfg, seeds, world_size=world)
         out = TensorDict({"advantages": response_to_nested(shaped, data["response_mask"])}, batch_size=len(batch))
         batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
         if self.anchor.dump_dir:

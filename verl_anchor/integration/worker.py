@@ -32,7 +32,7 @@ from verl_anchor.capture.hooks import AttentionCapture
 from verl_anchor.capture.ulysses import gather_head_span, sequence_parallel_group, sum_over_ranks
 from verl_anchor.core.config import AnchorConfig
 from verl_anchor.core.stats_engine import PackedTokenStats, packed_response_signals
-from verl_anchor.integration.advantage import ANCHOR_OPTIONS_KEY, SEQUENCE_COLUMNS
+from verl_anchor.integration.handoff import ANCHOR_OPTIONS_KEY, SEQUENCE_COLUMNS
 from verl_anchor.integration.verl_api import (
     ActorRolloutRefWorker,
     DetachActorWorker,
