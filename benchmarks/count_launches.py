@@ -11,7 +11,7 @@ response the last half of its sequence), and counts:
            raises, so a run that completes has no host sync beyond those counted. Each Triton launch
            is counted at the kernel's `run` and not executed (tests/test_kernels.py runs the same
            launches in the interpreter). The one step that must read the device, the capture's
-           pre-hook finding the sequences (`capture_layout.find_sequences`: how many sequences or
+           pre-hook finding the sequences (`capture.layout.find_sequences`: how many sequences or
            tokens there are), runs on a CPU copy of the inputs, counted, and hands its result to the
            capture on meta;
   cpu    : the same on CPU tensors (the torch path: `metrics.token_stats` looped over the sequences);

@@ -75,7 +75,7 @@ def _quiet_libraries(command: str | None) -> None:
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category)
         warnings.filterwarnings("ignore", module=_LIBRARIES)
-        # verl's need_critic warns with stacklevel=2, i.e. as if from its caller (verl_anchor.commands.train).
+        # verl's need_critic warns with stacklevel=2, i.e. as if from its caller (verl_anchor.integration.compose).
         warnings.filterwarnings("ignore", message="Disabled critic as algorithm.adv_estimator")
     if not logging.root.handlers:
         # Installed before verl is imported, so verl's `logging.basicConfig` (a WARNING handler on the

@@ -10,7 +10,7 @@ Every row has verl's schema (``RLHFDataset`` reads it; ``data.prompt_key=prompt`
     extra_info    struct<split, index, ...>
 
 Modules: `countdown` (generated problems), `math_sets` (the hub math sets of `DATASETS`),
-`readers` (their offline files), `schema` (shared parquet output and `DataError`), `cli`
+`readers` (their offline files), `schema` (shared parquet output and `DataError`), `commands.data`
 (the sub-command). Every file is written to a temporary name, checked, then renamed.
 """
 

@@ -348,7 +348,7 @@ def _check_attention_backend(config: DictConfig, estimator: str) -> None:
             "from Hugging Face attention modules, which only verl's FSDP engines run; set "
             "actor_rollout_ref.actor.strategy=fsdp (verl's default) or fsdp2, or use anchor_random / anchor_entropy"
         )
-    # Ulysses SP: the capture reads verl's flash-attention call after its all-to-all (capture_ulysses). verl's
+    # Ulysses SP: the capture reads verl's flash-attention call after its all-to-all (capture.ulysses). verl's
     # HFModelConfig takes the actor's attention implementation from this option (default flash_attention_2).
     implementation = str(
         (config.actor_rollout_ref.model.get("override_config", None) or {}).get(

@@ -70,7 +70,7 @@ def _pins() -> dict[str, Pin]:
         ),
         "need_critic": Pin(f"{ppo}.utils", "need_critic", "the critic switch after a gae base", params=("config",)),
         "need_reference_policy": Pin(
-            f"{ppo}.utils", "need_reference_policy", "launch's config check", params=("config",)
+            f"{ppo}.utils", "need_reference_policy", "compose.validate's config check", params=("config",)
         ),
         "register_adv_est": Pin(
             f"{ppo}.core_algos", "register_adv_est", "registers the anchor_* estimator names", params=("name_or_enum",)
